@@ -1,0 +1,33 @@
+"""User-facing errors and the command-line wrapper that turns them into one line."""
+
+import functools
+import sys
+
+
+class MlxqError(Exception):
+    """An error caused by the user's input or environment.
+
+    Command-line entry points print its message as a single line on stderr and exit
+    non-zero, without a traceback. Raise it with a message that says what is wrong and,
+    where possible, how to fix it.
+    """
+
+
+def cli_main(func):
+    """Decorate a `main(argv=None)` so bad input ends in one stderr line and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(argv=None):
+        prog = func.__module__.rsplit(".", 1)[-1]
+        try:
+            return func(argv)
+        except MlxqError as e:
+            print(f"mlxq.{prog}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"mlxq.{prog}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return 1
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Benchmark scripts: attention_latency (kernel level), decode_latency (end to end)."""

@@ -1,0 +1,288 @@
+"""``python -m mlxq.convert``: HF safetensors folder / hub id, or a GGUF file -> mlx-lm folder.
+
+Float layers are quantized to ``--q-bits`` / ``--q-group-size``; GGUF Q4_0/Q4_1/Q8_0 layers
+are imported losslessly at their own bits/group, recorded as per-layer overrides in
+config.json's ``quantization`` section (mlx-lm format, so ``mlx_lm.load`` reads the result).
+The output is written to a temporary sibling folder and renamed into place at the end.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from .errors import MlxqError, cli_main
+
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _validate_options(q_bits, q_group_size, dtype):
+    if q_bits not in SUPPORTED_BITS:
+        raise MlxqError(f"--q-bits {q_bits} is not supported; choose one of {SUPPORTED_BITS}")
+    if q_group_size not in SUPPORTED_GROUP_SIZES:
+        raise MlxqError(
+            f"--q-group-size {q_group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+        )
+    if dtype not in DTYPES:
+        raise MlxqError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+
+
+def _open_source(hf_path):
+    from .gguf_import import is_gguf
+
+    path = Path(str(hf_path)).expanduser()
+    if path.is_file() and is_gguf(path):
+        from .gguf_import import open_gguf
+
+        return GGUFSource(open_gguf(path))
+    if path.is_file():
+        raise MlxqError(f"{path} is a file but not a GGUF file; pass a model folder, hub id or .gguf")
+    if not path.exists() and str(hf_path).lower().endswith(".gguf"):
+        raise MlxqError(f"GGUF file {hf_path} does not exist")
+    from .hf_import import HFSource
+
+    return HFSource(hf_path)
+
+
+class GGUFSource:
+    def __init__(self, gguf):
+        self.gguf = gguf
+        self.config = gguf.config
+        self.native = gguf.native
+
+    def read_weights(self, progress=False):
+        from .gguf_import import read_weights
+
+        return read_weights(self.gguf, progress=progress)
+
+    def write_tokenizer(self, out: Path) -> dict:
+        from .tokenizer_build import write_tokenizer_files
+
+        return write_tokenizer_files(
+            self.gguf.meta, out, model_max_length=self.config.get("max_position_embeddings")
+        )
+
+    def output_config(self) -> dict:
+        return dict(self.config)
+
+
+def plan_quantization(model, native: dict, q_bits: int, q_group_size: int) -> dict:
+    """Per-layer {path: {"group_size", "bits"}} for every Linear/Embedding of ``model``.
+
+    Layers that arrive quantized keep their format; the rest get the requested one, which
+    must divide their input width.
+    """
+    from .models.quantization import quantizable_layers
+
+    plan = {}
+    for path, module in quantizable_layers(model):
+        if path in native:
+            plan[path] = dict(native[path])
+            continue
+        width = module.weight.shape[-1]
+        if width % q_group_size:
+            fits = [g for g in SUPPORTED_GROUP_SIZES if width % g == 0]
+            hint = f"; try --q-group-size {fits[-1]}" if fits else ""
+            raise MlxqError(
+                f"--q-group-size {q_group_size} does not divide the input width {width} "
+                f"of {path}{hint}"
+            )
+        plan[path] = {"group_size": q_group_size, "bits": q_bits}
+    return plan
+
+
+def quantization_config(plan: dict) -> dict:
+    """mlx-lm's section: the most common format at the top, the others as overrides."""
+    counts = Counter((p["group_size"], p["bits"]) for p in plan.values())
+    (group, bits), _ = counts.most_common(1)[0]
+    section = {"group_size": group, "bits": bits, "mode": "affine"}
+    for path, p in plan.items():
+        if (p["group_size"], p["bits"]) != (group, bits):
+            section[path] = {"group_size": p["group_size"], "bits": p["bits"]}
+    return section
+
+
+def _quantize_weights(weights: dict, plan: dict, native: dict, dtype, float_dtype, progress):
+    """Quantize the float layers of ``plan`` in place; cast the other float tensors."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    todo = [p for p in plan if p not in native]
+    bar = tqdm(todo, desc="quantizing", unit="layer", disable=not (progress and todo), file=sys.stderr)
+    for path in bar:
+        key = f"{path}.weight"
+        if key not in weights:
+            continue  # reported by the completeness check
+        p = plan[path]
+        w = weights.pop(key).astype(dtype)
+        q, scales, biases = mx.quantize(w, group_size=p["group_size"], bits=p["bits"])
+        mx.eval(q, scales, biases)
+        weights[key], weights[f"{path}.scales"], weights[f"{path}.biases"] = q, scales, biases
+    quantized = {f"{p}.{s}" for p in plan for s in ("weight", "scales", "biases")}
+    for k, v in list(weights.items()):
+        if k not in quantized and float_dtype is not None and mx.issubdtype(v.dtype, mx.floating):
+            weights[k] = v.astype(float_dtype)
+    mx.eval(list(weights.values()))
+
+
+def _check_complete(model, weights: dict, plan: dict):
+    """The quantized model's parameter names and shapes must match ``weights`` exactly."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    nn.quantize(model, class_predicate=lambda p, m: plan.get(p, False))
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    extra = sorted(weights.keys() - expected.keys())
+    if missing or extra:
+        parts = [
+            f"{what} {', '.join(names[:4])}" + (" ..." if len(names) > 4 else "")
+            for what, names in (("missing", missing), ("unexpected", extra))
+            if names
+        ]
+        raise MlxqError("weights do not match the model config: " + "; ".join(parts))
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(weights[k].shape):
+            raise MlxqError(
+                f"weight {k} has shape {tuple(weights[k].shape)}, the config implies {tuple(v.shape)}"
+            )
+
+
+def convert(
+    hf_path,
+    mlx_path="mlx_model",
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str = "float16",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert ``hf_path`` (HF folder, hub id or .gguf file) into an mlx-lm folder.
+
+    GGUF tensors that stay unquantized (norms, biases) keep their stored precision;
+    ``dtype`` applies to the scales/biases of re-quantized layers and to float sources.
+    Returns the output folder. Raises MlxqError for bad input, before any work.
+    """
+    _validate_options(q_bits, q_group_size, dtype)
+    out = Path(str(mlx_path)).expanduser()
+    if out.exists() and not force:
+        raise MlxqError(f"{out} already exists; pass --force to replace it")
+
+    import mlx.core as mx
+
+    from .models import build_model
+
+    source = _open_source(hf_path)
+    model = build_model(source.config)
+    plan = plan_quantization(model, source.native, q_bits, q_group_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+        weights = model.sanitize(source.read_weights(progress=progress))
+        target = getattr(mx, dtype)
+        float_dtype = None if isinstance(source, GGUFSource) else target
+        _quantize_weights(weights, plan, source.native, target, float_dtype, progress)
+        _check_complete(model, weights, plan)
+
+        from .safetensors_io import save_weights
+
+        save_weights(tmp, weights)
+        del weights
+        token_ids = source.write_tokenizer(tmp)
+        config = source.output_config()
+        for k, v in token_ids.items():
+            config.setdefault(k, v)
+        config["quantization"] = quantization_config(plan)
+        config["quantization_config"] = config["quantization"]
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, out: Path, force: bool):
+    """Move the finished folder into place; with force, replace what is there."""
+    if out.exists() and force:
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        # Someone else finished the same folder first (rename onto a non-empty folder fails).
+        raise MlxqError(f"{out} already exists; pass --force to replace it") from None
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line through cli_main instead of argparse's usage block.
+        raise MlxqError(message)
+
+
+def _parser():
+    p = _ArgumentParser(
+        prog="python -m mlxq.convert",
+        description="Convert a Hugging Face model (folder or hub id) or a GGUF file into an "
+        "mlx-lm folder with quantized weights.",
+    )
+    p.add_argument("--hf-path", required=True, help="HF model folder, hub id, or .gguf file")
+    p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
+    p.add_argument("--q-bits", type=int, default=4, help=f"weight bits {SUPPORTED_BITS} (default 4)")
+    p.add_argument(
+        "--q-group-size", type=int, default=64,
+        help=f"quantization group size {SUPPORTED_GROUP_SIZES} (default 64); GGUF Q4_0/Q4_1/Q8_0 "
+        "layers keep their own group of 32",
+    )
+    p.add_argument(
+        "--dtype", default="float16", choices=DTYPES,
+        help="dtype of unquantized parameters and new scales (default float16); GGUF "
+        "tensors imported as they are keep their stored precision",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    out = convert(
+        args.hf_path,
+        args.mlx_path,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        dtype=args.dtype,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(f"[mlxq] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-import so cli_main names the program mlxq.convert, not mlxq.__main__.
+    from mlxq.convert import main as _main
+
+    sys.exit(_main())

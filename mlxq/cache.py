@@ -1,0 +1,237 @@
+"""Per-layer key/value caches: the full-precision ``KVCache``, ``make_cache`` and save/load.
+
+Every mlxq cache stores the keys/values of the tokens seen so far and runs attention over
+them itself (``attend``), so a quantized cache can use its own fused kernel while model
+code stays the same. Buffers are preallocated in blocks of ``step`` tokens: appending a
+token writes into free space, and only crossing a block boundary allocates (amortized).
+"""
+
+import json
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .backend import compute_dtype
+from .errors import MlxqError
+
+SUPPORTED_KV_BITS = (16, 8, 4)
+SUPPORTED_KV_GROUP_SIZES = (32, 64, 128)
+_FP16_BYTES = 2
+
+
+def _causal_mask(q_len: int):
+    # MLX aligns "causal" to the end of the keys, so new queries see all earlier tokens.
+    return "causal" if q_len > 1 else None
+
+
+class KVCache:
+    """Full-precision cache (compute dtype) attended with MLX's fused SDPA."""
+
+    # Class defaults let load_cache build an instance without __init__ (see from_state).
+    keys = None
+    values = None
+    offset = 0
+    step = 256
+
+    def __init__(self, step: int = 256, dtype=None):
+        if step < 1:
+            raise MlxqError(f"cache step must be at least 1, got {step}")
+        self.step = step
+        self.dtype = dtype or compute_dtype()
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    # --- storage ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _grow(self, keys, values, needed: int):
+        # Round up to whole blocks and append zeros: one copy per block, not per token.
+        B, H, _, Dk = keys.shape
+        Dv = values.shape[3]
+        new_cap = -(-needed // self.step) * self.step
+        extra = new_cap - self.capacity
+        new_k = mx.zeros((B, H, extra, Dk), self.dtype)
+        new_v = mx.zeros((B, H, extra, Dv), self.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
+
+    def update_and_fetch(self, keys, values):
+        """Append (B, Hkv, L, D) keys/values; return all stored ones (mlx-lm interface)."""
+        start = self.offset
+        end = start + keys.shape[2]
+        if end > self.capacity:
+            self._grow(keys, values, end)
+        if keys.dtype != self.dtype:
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+        self.keys[..., start:end, :] = keys
+        self.values[..., start:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def attend(self, queries, keys, values, scale: float = 1.0):
+        """Store the new keys/values, then causal attention of ``queries`` over all tokens."""
+        k, v = self.update_and_fetch(keys, values)
+        if queries.dtype != self.dtype:
+            queries = queries.astype(self.dtype)
+        return mx.fast.scaled_dot_product_attention(
+            queries, k, v, scale=scale, mask=_causal_mask(queries.shape[2])
+        )
+
+    # --- bookkeeping -----------------------------------------------------------------
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` tokens (the buffers stay allocated). Returns how many."""
+        n = max(0, min(self.offset, n))
+        self.offset -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the allocated buffers (capacity, not just the stored tokens)."""
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def fp16_nbytes(self) -> int:
+        """What an fp16 cache with the same capacity would allocate (for ratios)."""
+        if self.keys is None:
+            return 0
+        B, H, cap, Dk = self.keys.shape
+        return B * H * cap * (Dk + self.values.shape[3]) * _FP16_BYTES
+
+    # --- save / load -----------------------------------------------------------------
+    @property
+    def state(self):
+        # Only the stored prefix: a saved cache holds no padding.
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value):
+        if not value:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = value
+        self.dtype = self.keys.dtype
+        self.offset = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return {"step": self.step, "dtype": str(self.dtype).rsplit(".", 1)[-1]}
+
+    @meta_state.setter
+    def meta_state(self, value):
+        self.step = int(value.get("step", 256))
+        self.dtype = getattr(mx, value.get("dtype", ""), None) or compute_dtype()
+
+
+def _quantized_cache_class():
+    try:
+        from .quantized_cache import QuantizedKVCache
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.quantized_cache":
+            raise
+        raise MlxqError("the quantized KV cache (--kv-bits 8/4) is not available yet") from None
+    return QuantizedKVCache
+
+
+def cache_class(kv_bits: int = 16, kv_group_size: int = 64):
+    """The cache class for these options; MlxqError naming the supported values if bad."""
+    if kv_bits not in SUPPORTED_KV_BITS:
+        raise MlxqError(
+            f"kv_bits={kv_bits!r} is not supported; choose one of "
+            f"{', '.join(map(str, SUPPORTED_KV_BITS))}"
+        )
+    if kv_bits == 16:
+        return KVCache
+    if kv_group_size not in SUPPORTED_KV_GROUP_SIZES:
+        raise MlxqError(
+            f"kv_group_size={kv_group_size!r} is not supported; choose one of "
+            f"{', '.join(map(str, SUPPORTED_KV_GROUP_SIZES))}"
+        )
+    return _quantized_cache_class()
+
+
+def make_cache(model, kv_bits: int = 16, kv_group_size: int = 64, **options) -> list:
+    """One cache per layer of ``model``: KVCache for 16 bits, QuantizedKVCache for 8/4."""
+    cls = cache_class(kv_bits, kv_group_size)
+    if cls is KVCache:
+        return [KVCache(**options) for _ in model.layers]
+    # Fail before any work when the model's heads do not fit the quantized layout.
+    head_dim = getattr(model, "head_dim", None)
+    if isinstance(head_dim, int):
+        from .quantized_cache import check_head_dim
+
+        check_head_dim(head_dim, kv_group_size)
+    return [cls(bits=kv_bits, group_size=kv_group_size, **options) for _ in model.layers]
+
+
+def cache_nbytes(caches) -> int:
+    return sum(c.nbytes for c in caches)
+
+
+def cache_fp16_nbytes(caches):
+    """Bytes an fp16 cache of the same capacity would take; None if a cache cannot say."""
+    try:
+        return sum(c.fp16_nbytes for c in caches)
+    except AttributeError:
+        return None
+
+
+# --- save / load ---------------------------------------------------------------------
+_META_KEY = "mlxq_cache"
+
+
+def _class_by_name(name: str):
+    if name == "KVCache":
+        return KVCache
+    if name == "QuantizedKVCache":
+        return _quantized_cache_class()
+    raise MlxqError(f"unknown cache class {name!r} in the saved cache")
+
+
+def save_cache(path, caches) -> None:
+    """Write the caches (any mlxq cache class) to a .safetensors file."""
+    arrays = {}
+    for i, cache in enumerate(caches):
+        for key, arr in tree_flatten(cache.state):
+            arrays[f"{i}.{key}"] = arr
+    meta = {
+        "classes": [type(c).__name__ for c in caches],
+        "meta_states": [c.meta_state for c in caches],
+    }
+    mx.save_safetensors(str(path), arrays, {_META_KEY: json.dumps(meta)})
+
+
+def load_cache(path) -> list:
+    """Read caches written by ``save_cache``."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        meta = json.loads(metadata[_META_KEY])
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise MlxqError(f"{path} is not a saved mlxq cache: {e}") from None
+    per_layer = [[] for _ in meta["classes"]]
+    for key, arr in arrays.items():
+        layer, rest = key.split(".", 1)
+        per_layer[int(layer)].append((rest, arr))
+    caches = []
+    for name, meta_state, items in zip(meta["classes"], meta["meta_states"], per_layer):
+        cache = _class_by_name(name).__new__(_class_by_name(name))
+        cache.meta_state = meta_state  # non-array settings first: the state may need them
+        cache.state = tree_unflatten(items) if items else ()
+        caches.append(cache)
+    return caches

@@ -1,0 +1,304 @@
+"""Text generation: ``stream_generate``, ``generate`` and the ``python -m mlxq.generate`` CLI.
+
+The module itself is callable: ``mlxq.generate(model, tokenizer, prompt, **options)``.
+"""
+
+import argparse
+import contextlib
+import operator
+import sys
+import time
+import types
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import cache_class, cache_fp16_nbytes, cache_nbytes, make_cache
+from .errors import MlxqError, cli_main
+from .sampling import make_sampler
+
+DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_PREFILL_STEP_SIZE = 512
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of output plus running statistics."""
+
+    text: str  # new text since the previous response (may be empty mid-character)
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float  # tokens after the first one / time since the first one
+    peak_memory: int  # bytes, MLX allocator peak since generation started
+    kv_nbytes: int
+    kv_fp16_nbytes: int | None  # what an fp16 cache of the same capacity would take
+    finish_reason: str | None  # None while streaming, then "stop" (EOS) or "length"
+
+
+def context_length(model) -> int | None:
+    """The model's maximum number of positions, if its config says."""
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "context_length", "n_ctx"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    # transformers warns on stderr when a text exceeds model_max_length; we check the
+    # context ourselves and report it as one clear error instead.
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def encode_prompt(tokenizer, prompt, system=None, chat_template=True) -> list[int]:
+    """Token ids of ``prompt`` (text, wrapped in the chat template if there is one, or ids)."""
+    if isinstance(prompt, str):
+        with _quiet_transformers():
+            return _encode_text(tokenizer, prompt, system, chat_template)
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    try:
+        return [operator.index(t) for t in ids]  # ints, numpy ints; not floats
+    except TypeError:
+        raise MlxqError("a prompt given as tokens must be a list of integer ids") from None
+
+
+def _encode_text(tokenizer, prompt, system, chat_template):
+    if chat_template and getattr(tokenizer, "has_chat_template", False):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids)
+    if system:
+        prompt = f"{system}\n\n{prompt}"
+    # Add BOS etc. unless the text already starts with it.
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
+
+
+def _token_stream(model, prompt_ids, caches, sampler, max_tokens, prefill_step_size):
+    """Yield generated token ids. The next step is queued before the current id is read."""
+    prompt = mx.array(prompt_ids)
+    n_prompt = len(prompt_ids)
+
+    # Chunked prefill: all but the last prompt token, evaluating the cache after each
+    # chunk so the graph (and activation memory) stays bounded by prefill_step_size.
+    done = 0
+    while n_prompt - done > 1:
+        n = min(prefill_step_size, n_prompt - 1 - done)
+        model(prompt[None, done : done + n], cache=caches)
+        mx.eval([c.state for c in caches])
+        mx.clear_cache()
+        done += n
+
+    def step(tokens):
+        logits = model(tokens[None], cache=caches)
+        return sampler(logits[:, -1, :])
+
+    y = step(prompt[done:])
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_y = step(y)
+            mx.async_eval(next_y)
+        yield y.item()
+        if n % 256 == 255:
+            mx.clear_cache()
+        if n + 1 < max_tokens:
+            y = next_y
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    seed: int | None = None,
+    kv_bits: int = 16,
+    kv_group_size: int = 64,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    system: str | None = None,
+    chat_template: bool = True,
+    **kv_options,
+):
+    """Generate from ``prompt`` (text or token ids), yielding ``GenerationResponse`` pieces.
+
+    Stops at any of ``tokenizer.eos_token_ids`` (finish_reason "stop") or after
+    ``max_tokens`` tokens or at the model's context length ("length").
+    """
+    if max_tokens < 1:
+        raise MlxqError(f"max_tokens must be at least 1, got {max_tokens}")
+    if prefill_step_size < 1:
+        raise MlxqError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+    sampler = make_sampler(temp, top_p, seed)
+    prompt_ids = encode_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
+    if not prompt_ids:
+        raise MlxqError("the prompt is empty")
+    ctx = context_length(model)
+    if ctx is not None:
+        if len(prompt_ids) > ctx:
+            raise MlxqError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {ctx}"
+            )
+        # The last generated token is never fed back, hence + 1.
+        max_tokens = min(max_tokens, ctx - len(prompt_ids) + 1)
+    caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
+
+    eos = set(tokenizer.eos_token_ids)
+    detokenizer = tokenizer.detokenizer
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    first_token_time = tic
+    n = 0
+
+    def response(text, token, finish_reason):
+        now = time.perf_counter()
+        gen_time = now - first_token_time
+        return GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=len(prompt_ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory(),
+            kv_nbytes=cache_nbytes(caches),
+            kv_fp16_nbytes=cache_fp16_nbytes(caches),
+            finish_reason=finish_reason,
+        )
+
+    token = None
+    finish_reason = "length"
+    for token in _token_stream(model, prompt_ids, caches, sampler, max_tokens,
+                               prefill_step_size):
+        n += 1
+        if n == 1:
+            first_token_time = time.perf_counter()
+            prompt_tps = len(prompt_ids) / (first_token_time - tic)
+        if token in eos:
+            finish_reason = "stop"
+            break
+        detokenizer.add_token(token)
+        if n == max_tokens:
+            break
+        yield response(detokenizer.last_segment, token, None)
+    detokenizer.finalize()
+    yield response(detokenizer.last_segment, token, finish_reason)
+
+
+def generate(model, tokenizer, prompt, **options) -> str:
+    """The whole generated text (see ``stream_generate`` for the options)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **options))
+
+
+# --- command line ----------------------------------------------------------------------
+def _load_model(spec: str | None):
+    if spec is None:
+        from .default_model import default_model_path
+
+        spec = str(default_model_path())
+    from .loading import load  # raises MlxqError for missing or malformed folders
+
+    try:
+        return load(spec)
+    except MlxqError:
+        raise
+    except (OSError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MlxqError(f"cannot load model {spec}: {first_line}") from None
+
+
+def _format_stats(r: GenerationResponse) -> str:
+    kv = f"KV cache: {r.kv_nbytes / 1e6:.2f} MB"
+    if r.kv_fp16_nbytes:
+        kv += f" ({r.kv_nbytes / r.kv_fp16_nbytes:.2f}x fp16)"
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
+        f"peak memory: {r.peak_memory / 1e6:.1f} MB | {kv}"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlxq.generate", description="Generate text with an mlxq model."
+    )
+    p.add_argument("--model", help="model folder or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text; '-' reads stdin")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="feed the prompt as plain text")
+    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
+    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    # Cheap checks first, before loading anything.
+    if args.max_tokens < 1:
+        raise MlxqError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.prefill_step_size < 1:
+        raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
+    make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
+    cache_class(args.kv_bits, args.kv_group_size)  # e.g. the int4 cache is not built yet
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise MlxqError("the prompt is empty")
+
+    model, tokenizer = _load_model(args.model)
+    last = None
+    for last in stream_generate(
+        model, tokenizer, prompt,
+        max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed,
+        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        prefill_step_size=args.prefill_step_size, system=args.system,
+        chat_template=not args.ignore_chat_template,
+    ):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(_format_stats(last), file=sys.stderr)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``mlxq.generate(...)`` call ``generate`` although the name is this module."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    # Run the copy imported as mlxq.generate so messages name the module, not __main__.
+    from mlxq.generate import main as _main
+
+    sys.exit(_main())

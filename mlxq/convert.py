@@ -282,7 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Re-import so cli_main names the program mlxq.convert, not mlxq.__main__.
-    from mlxq.convert import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

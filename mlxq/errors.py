@@ -13,19 +13,27 @@ class MlxqError(Exception):
     """
 
 
+def _program_name(module: str) -> str:
+    """``mlxq.generate`` also when run as ``python -m mlxq.generate`` (module ``__main__``)."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        return spec.name if spec is not None else "mlxq"
+    return module
+
+
 def cli_main(func):
     """Decorate a `main(argv=None)` so bad input ends in one stderr line and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(argv=None):
-        prog = func.__module__.rsplit(".", 1)[-1]
+        prog = _program_name(func.__module__)
         try:
             return func(argv)
         except MlxqError as e:
-            print(f"mlxq.{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"mlxq.{prog}: interrupted", file=sys.stderr)
+            print(f"{prog}: interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:
             return 1

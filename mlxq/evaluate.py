@@ -24,6 +24,7 @@ from mlx import nn
 from .cache import cache_class, make_cache
 from .errors import MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
+from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT
 
 DEFAULT_CONTEXT = 1024
 DEFAULT_WINDOWS = 4
@@ -33,47 +34,45 @@ DEFAULT_STEP = MAX_QUERY_TOKENS
 
 @dataclass(frozen=True)
 class KVFormat:
-    """One KV cache format. bits 16 = the full-precision KVCache (the reference)."""
+    """One KV cache format. bits 16 = the full-precision KVCache (the reference);
+    ``recent``: newest tokens kept in full precision."""
 
     bits: int = 16
     group_size: int = 64
     rotation: bool = False
     seed: int = 0
+    recent: int = 0
 
     @property
     def name(self) -> str:
         if self.bits == 16:
             return "fp"
-        return f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
+        return (f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
+                + (f"-w{self.recent}" if self.recent else ""))
 
 
 FULL_PRECISION = KVFormat(16)
-_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?$")
+_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(?:-w(\d+))?$")
 
 
 def parse_format(name: str, seed: int = 0) -> KVFormat:
-    """``int4-g64``, ``int4-g32-rot``, ``int8-g64``, ... (the names the report prints)."""
+    """``int4-g64``, ``int4-g32-rot``, ``int4-g32-rot-w64``, ``int8-g64``, ... (the names
+    the report prints)."""
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
-        raise MlxqError(f"bad KV format {name!r}: use int<bits>-g<group>[-rot], "
-                        "e.g. int4-g64-rot")
+        raise MlxqError(f"bad KV format {name!r}: use int<bits>-g<group>[-rot][-w<recent>], "
+                        "e.g. int4-g32-rot-w64")
     bits, group = int(m[1]), int(m[2])
     cache_class(bits, group)  # the cache's own message for unsupported values
-    return KVFormat(bits, group, m[3] is not None, seed)
+    return KVFormat(bits, group, m[3] is not None, seed, int(m[4] or 0))
 
 
 def make_format_caches(model, fmt: KVFormat) -> list:
-    """Fresh per-layer caches for ``fmt``: the same classes generation uses."""
+    """Fresh per-layer caches for ``fmt``: what generation builds, via make_cache."""
     if fmt.bits == 16:
         return make_cache(model)
-    if not fmt.rotation:
-        return make_cache(model, kv_bits=fmt.bits, kv_group_size=fmt.group_size)
-    from .rotation import rotations_for
-
-    # One rotation per layer (different signs per layer), so not make_cache's **options.
-    cls = cache_class(fmt.bits, fmt.group_size)
-    return [cls(bits=fmt.bits, group_size=fmt.group_size, rotation=r)
-            for r in rotations_for(model, fmt.seed)]
+    return make_cache(model, kv_bits=fmt.bits, kv_group_size=fmt.group_size,
+                      kv_rotation=fmt.rotation, kv_recent=fmt.recent, rotation_seed=fmt.seed)
 
 
 def dense_weights(model) -> int:
@@ -241,12 +240,12 @@ def _progress(total, enabled):
 
 # --- report ----------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    rows = [f"{'format':<16}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
+    rows = [f"{'format':<20}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
     for r in report["results"]:
         if r["bits"] == 16:
-            rows.append(f"{r['format']:<16}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
+            rows.append(f"{r['format']:<20}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
             continue
-        rows.append(f"{r['format']:<16}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
+        rows.append(f"{r['format']:<20}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
                     f"{r['kl_mean']:>11.5f}{r['kl_p99']:>10.4f}"
                     f"{100 * r['top1_agreement']:>8.2f}%")
     return "\n".join(rows)
@@ -272,14 +271,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4], choices=(16, 8, 4),
                    help="quantized formats to compare with the full-precision cache "
                         "(default: 8 4)")
-    p.add_argument("--kv-group-size", type=int, nargs="+", default=[64], choices=(32, 64, 128),
-                   help="group sizes (default: 64); every bits x group x rotation is run")
-    p.add_argument("--rotation", choices=("on", "off", "both"), default="both",
-                   help="Hadamard rotation of q/k/v for the quantized formats (default: both)")
+    p.add_argument("--kv-group-size", type=int, nargs="+", default=[DEFAULT_GROUP_SIZE],
+                   choices=(32, 64, 128),
+                   help=f"group sizes (default: {DEFAULT_GROUP_SIZE}); every bits x group x "
+                        "rotation x recent is run")
+    p.add_argument("--rotation", choices=("on", "off", "both"), default="on",
+                   help="Hadamard rotation of q/k/v for the quantized formats (default: on)")
+    p.add_argument("--kv-recent", type=int, nargs="+", default=[DEFAULT_RECENT], metavar="N",
+                   help="newest tokens kept in full precision (default: "
+                        f"{DEFAULT_RECENT}; 0 = quantize every token)")
     p.add_argument("--rotation-seed", type=int, default=0)
     p.add_argument("--formats", nargs="+", metavar="NAME",
                    help="exact formats instead of --kv-bits/--kv-group-size/--rotation, "
-                        "e.g. int8-g64 int4-g64 int4-g64-rot int4-g32-rot")
+                        "e.g. int8-g64 int4-g64 int4-g64-rot int4-g32-rot-w64")
     p.add_argument("--prefill", type=int, default=DEFAULT_PREFILL,
                    help=f"tokens fed at once before decoding (default {DEFAULT_PREFILL}); "
                         f"predictions of a prefill over {MAX_QUERY_TOKENS} tokens are not scored")
@@ -303,26 +307,12 @@ def _formats(args) -> list:
             continue
         for group in args.kv_group_size:
             cache_class(bits, group)  # the cache's own message for unsupported values
-            out += [KVFormat(bits, group, rot, args.rotation_seed) for rot in rotations]
+            for recent in args.kv_recent:
+                if recent < 0:
+                    raise MlxqError(f"--kv-recent must be at least 0, got {recent}")
+                out += [KVFormat(bits, group, rot, args.rotation_seed, recent)
+                        for rot in rotations]
     return out
-
-
-def _load(spec):
-    if spec is None:
-        from .default_model import default_model_path
-
-        spec = str(default_model_path())
-    elif not Path(spec).exists() and "/" not in spec:
-        raise MlxqError(f"--model {spec}: no such file or folder")
-    from .loading import load
-
-    try:
-        return load(spec)
-    except MlxqError:
-        raise
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MlxqError(f"cannot load model {spec}: {first}") from None
 
 
 def encode_text(tokenizer, text: str, n_tokens: int) -> list:
@@ -347,7 +337,9 @@ def main(argv=None):
 
     source = args.text_file or args.corpus
     text = read_text_file(args.text_file) if args.text_file else load_text(args.corpus)
-    model, tokenizer = _load(args.model)
+    from .loading import load_for_cli
+
+    model, tokenizer = load_for_cli(args.model)
     from .backend import metal_available
     from .generate import context_length
 
@@ -375,7 +367,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Run the imported module's main so error lines say mlxq.evaluate, not __main__.
-    from mlxq.evaluate import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

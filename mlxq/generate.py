@@ -133,7 +133,7 @@ def stream_generate(
     top_p: float = DEFAULT_TOP_P,
     seed: int | None = None,
     kv_bits: int = 16,
-    kv_group_size: int = 64,
+    kv_group_size: int | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     system: str | None = None,
     chat_template: bool = True,
@@ -211,22 +211,6 @@ def generate(model, tokenizer, prompt, **options) -> str:
 
 
 # --- command line ----------------------------------------------------------------------
-def _load_model(spec: str | None):
-    if spec is None:
-        from .default_model import default_model_path
-
-        spec = str(default_model_path())
-    from .loading import load  # raises MlxqError for missing or malformed folders
-
-    try:
-        return load(spec)
-    except MlxqError:
-        raise
-    except (OSError, ValueError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MlxqError(f"cannot load model {spec}: {first_line}") from None
-
-
 def _format_stats(r: GenerationResponse) -> str:
     kv = f"KV cache: {r.kv_nbytes / 1e6:.2f} MB"
     if r.kv_fp16_nbytes:
@@ -252,7 +236,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
     p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
-    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--kv-group-size", type=int, default=None, choices=(32, 64, 128),
+                   help="quantized KV group size (default: 32, see docs/quality.md)")
+    p.add_argument("--kv-recent", type=int, default=None, metavar="N",
+                   help="newest tokens kept in full precision by a quantized KV cache "
+                        "(default: 64)")
+    p.add_argument("--no-kv-rotation", action="store_true",
+                   help="no Hadamard rotation of the quantized KV cache")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
     return p
 
@@ -266,17 +256,22 @@ def main(argv=None):
     if args.prefill_step_size < 1:
         raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
     make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
-    cache_class(args.kv_bits, args.kv_group_size)  # e.g. the int4 cache is not built yet
+    cache_class(args.kv_bits, args.kv_group_size or 64)
+    if args.kv_recent is not None and args.kv_recent < 0:
+        raise MlxqError(f"--kv-recent must be at least 0, got {args.kv_recent}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise MlxqError("the prompt is empty")
 
-    model, tokenizer = _load_model(args.model)
+    from .loading import load_for_cli
+
+    model, tokenizer = load_for_cli(args.model)
     last = None
     for last in stream_generate(
         model, tokenizer, prompt,
         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed,
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        kv_recent=args.kv_recent, kv_rotation=not args.no_kv_rotation,
         prefill_step_size=args.prefill_step_size, system=args.system,
         chat_template=not args.ignore_chat_template,
     ):
@@ -298,7 +293,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    # Run the copy imported as mlxq.generate so messages name the module, not __main__.
-    from mlxq.generate import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -122,3 +122,21 @@ def load(path_or_hub_id):
     model = load_model(folder, config)
     tokenizer = load_tokenizer(folder, config)
     return model, tokenizer
+
+
+def load_for_cli(spec: str | None):
+    """``load`` for the command lines: ``None`` means the default model, and any load
+    failure becomes a one-line MlxqError."""
+    if spec is None:
+        from .default_model import default_model_path
+
+        spec = str(default_model_path())
+    elif not Path(spec).exists() and "/" not in spec:
+        raise MlxqError(f"--model {spec}: no such file or folder")
+    try:
+        return load(spec)
+    except MlxqError:
+        raise
+    except (OSError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MlxqError(f"cannot load model {spec}: {first_line}") from None

@@ -16,10 +16,17 @@ import mlx.core as mx
 from .backend import kernel_backend
 from .errors import MlxqError
 from .kernels.blockwise_attention import chunked_prefill_attention
-from .kernels.decode_attention import MAX_QUERY_TOKENS, quantized_decode_attention
+from .kernels.decode_attention import (
+    MAX_QUERY_TOKENS,
+    quantized_decode_attention,
+    window_attention,
+)
 from .kernels.kv_write import quantize_kv
 
 SUPPORTED_BITS = (4, 8)
+# Chosen by measurement (docs/quality.md): make_cache's defaults for quantized caches.
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_RECENT = 64
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 _FP16_BYTES = 2
@@ -56,9 +63,15 @@ class QuantizedKVCache:
     offset = 0
     step = 256
     rotation = None
+    recent = 0
+    window_keys = None   # the newest <= `recent` tokens, full precision, not yet quantized
+    window_values = None
 
-    def __init__(self, bits: int = 4, group_size: int = 64, rotation=None, step: int = 256):
+    def __init__(self, bits: int = 4, group_size: int = 64, rotation=None, step: int = 256,
+                 recent: int = 0):
         check_options(bits, group_size, step)
+        if not isinstance(recent, int) or recent < 0:
+            raise MlxqError(f"recent must be a non-negative number of tokens, got {recent!r}")
         if rotation is not None and not (hasattr(rotation, "forward")
                                          and hasattr(rotation, "inverse")):
             raise MlxqError("rotation must have forward(x) and inverse(y) methods")
@@ -66,6 +79,7 @@ class QuantizedKVCache:
         self.group_size = group_size
         self.rotation = rotation
         self.step = step
+        self.recent = recent
         self.keys = None
         self.values = None
         self.offset = 0
@@ -74,6 +88,15 @@ class QuantizedKVCache:
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys[0].shape[2]
+
+    @property
+    def window_length(self) -> int:
+        return 0 if self.window_keys is None else self.window_keys.shape[2]
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens in the int4/int8 buffers (the oldest ones); the rest are in the window."""
+        return self.offset - self.window_length
 
     def _grow(self, B: int, H: int, D: int, needed: int):
         # Whole steps of zeros appended: one copy per `step` tokens, never per token.
@@ -87,16 +110,17 @@ class QuantizedKVCache:
             self.keys = [mx.concatenate([x, z], axis=2) for x, z in zip(self.keys, new)]
             self.values = [mx.concatenate([x, z], axis=2) for x, z in zip(self.values, new)]
 
-    def _append(self, keys, values):
+    def _quantize_into_buffers(self, keys, values):
+        """Append (B, Hkv, L, D) keys/values to the quantized buffers."""
         B, H, L, D = keys.shape
-        start, end = self.offset, self.offset + L
+        start = self.quantized_length
+        end = start + L
         if end > self.capacity:
             self._grow(B, H, D, end)
         new_k, new_v = quantize_kv(keys, values, self.group_size, self.bits)
         # In-place slice updates of buffers nobody else holds: no copy of the cache.
         for buf, new in zip(self.keys + self.values, new_k + new_v):
             buf[..., start:end, :] = new
-        self.offset = end
 
     # --- attention -------------------------------------------------------------------
     def _check_shapes(self, queries, keys, values):
@@ -115,20 +139,46 @@ class QuantizedKVCache:
         self._check_shapes(queries, keys, values)
         if self.rotation is not None:
             queries, keys, values = (self.rotation.forward(x) for x in (queries, keys, values))
-        cached = self.offset
-        self._append(keys, values)
-        if queries.shape[2] <= MAX_QUERY_TOKENS:
-            out = quantized_decode_attention(
-                queries, *self.keys, *self.values, length=self.offset, scale=scale,
-                group_size=self.group_size, bits=self.bits, backend=kernel_backend())
+        if self.recent:
+            out = self._attend_with_window(queries, keys, values, scale)
         else:
-            # The chunk attends to its own keys in full precision; earlier tokens come from
-            # the buffers (positions < cached, untouched by this append).
-            out = chunked_prefill_attention(
-                queries, keys, values, self.keys, self.values, cached, scale,
-                self.group_size, self.bits)
+            out = self._attend_quantized(queries, keys, values, scale)
         if self.rotation is not None:
             out = self.rotation.inverse(out)
+        return out
+
+    def _attend_quantized(self, queries, keys, values, scale):
+        """No window: new tokens are quantized at once and decode reads only the buffers."""
+        cached = self.quantized_length
+        self._quantize_into_buffers(keys, values)
+        self.offset += keys.shape[2]
+        if queries.shape[2] <= MAX_QUERY_TOKENS:
+            return quantized_decode_attention(
+                queries, *self.keys, *self.values, length=self.offset, scale=scale,
+                group_size=self.group_size, bits=self.bits, backend=kernel_backend())
+        # The chunk attends to its own keys in full precision; earlier tokens come from
+        # the buffers (positions < cached, untouched by this append).
+        return chunked_prefill_attention(
+            queries, keys, values, self.keys, self.values, cached, scale,
+            self.group_size, self.bits)
+
+    def _attend_with_window(self, queries, keys, values, scale):
+        """The newest ``recent`` tokens stay in full precision (attention is sharpest on
+        them); older ones are quantized as they leave the window."""
+        if self.window_keys is None:
+            win_k, win_v = keys, values
+        else:
+            win_k = mx.concatenate([self.window_keys, keys.astype(self.window_keys.dtype)], 2)
+            win_v = mx.concatenate([self.window_values, values.astype(self.window_keys.dtype)], 2)
+        cached = self.quantized_length
+        out = window_attention(queries, win_k, win_v, self.keys, self.values, cached, scale,
+                               self.group_size, self.bits)
+        leaving = win_k.shape[2] - self.recent
+        if leaving > 0:
+            self._quantize_into_buffers(win_k[:, :, :leaving], win_v[:, :, :leaving])
+            win_k, win_v = win_k[:, :, leaving:], win_v[:, :, leaving:]
+        self.window_keys, self.window_values = win_k, win_v
+        self.offset += keys.shape[2]
         return out
 
     # --- bookkeeping -----------------------------------------------------------------
@@ -138,50 +188,70 @@ class QuantizedKVCache:
     def trim(self, n: int) -> int:
         """Forget the last ``n`` tokens (the buffers stay allocated). Returns how many."""
         n = max(0, min(self.offset, n))
+        from_window = min(n, self.window_length)
+        if from_window:
+            keep = self.window_length - from_window
+            self.window_keys = self.window_keys[:, :, :keep] if keep else None
+            self.window_values = self.window_values[:, :, :keep] if keep else None
         self.offset -= n
         return n
 
     def empty(self) -> bool:
-        return self.keys is None
+        return self.offset == 0 and self.keys is None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the allocated buffers (capacity, not just the stored tokens)."""
-        if self.keys is None:
-            return 0
-        return sum(x.nbytes for x in self.keys + self.values)
+        total = 0 if self.keys is None else sum(x.nbytes for x in self.keys + self.values)
+        if self.window_keys is not None:
+            total += self.window_keys.nbytes + self.window_values.nbytes
+        return total
 
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 cache of the same capacity would allocate (for ratios)."""
-        if self.keys is None:
+        if self.keys is None and self.window_keys is None:
             return 0
-        B, H, cap, words = self.keys[0].shape
-        head_dim = words * 32 // self.bits
-        return 2 * B * H * cap * head_dim * _FP16_BYTES
+        ref = self.keys[0] if self.keys is not None else self.window_keys
+        B, H = ref.shape[:2]
+        head_dim = (self.window_keys.shape[3] if self.window_keys is not None
+                    else self.keys[0].shape[3] * 32 // self.bits)
+        return 2 * B * H * (self.capacity + self.window_length) * head_dim * _FP16_BYTES
 
     # --- save / load -----------------------------------------------------------------
     @property
     def state(self):
-        # The stored prefix only: a saved cache holds no padding.
-        if self.keys is None:
-            return ()
-        return (tuple(x[..., : self.offset, :] for x in self.keys),
-                tuple(x[..., : self.offset, :] for x in self.values))
+        # The stored tokens only: a saved cache holds no padding.
+        if self.offset == 0:
+            return {}
+        n = self.quantized_length
+        state = {}
+        if n:
+            state["keys"] = [x[..., :n, :] for x in self.keys]
+            state["values"] = [x[..., :n, :] for x in self.values]
+        if self.window_length:
+            state["window_keys"], state["window_values"] = self.window_keys, self.window_values
+        return state
 
     @state.setter
     def state(self, value):
+        self.keys = self.values = self.window_keys = self.window_values = None
+        self.offset = 0
         if not value:
-            self.keys = self.values = None
-            self.offset = 0
             return
-        keys, values = value
-        self.keys, self.values = list(keys), list(values)
-        self.offset = self.keys[0].shape[2]
+        if not isinstance(value, dict):  # (keys, values): a cache saved without a window
+            value = {"keys": value[0], "values": value[1]}
+        if "keys" in value:
+            self.keys, self.values = list(value["keys"]), list(value["values"])
+            self.offset = self.keys[0].shape[2]
+        if "window_keys" in value:
+            self.window_keys, self.window_values = value["window_keys"], value["window_values"]
+            self.offset += self.window_keys.shape[2]
 
     @property
     def meta_state(self):
-        meta = {"bits": self.bits, "group_size": self.group_size, "step": self.step}
+        meta = {"bits": self.bits, "group_size": self.group_size, "step": self.step,
+                "recent": self.recent}
         if self.rotation is not None:
             to_meta = getattr(self.rotation, "to_meta", None)
             if to_meta is None:
@@ -196,8 +266,9 @@ class QuantizedKVCache:
         step = int(value.get("step", 256))
         check_options(bits, group_size, step)
         self.bits, self.group_size, self.step = bits, group_size, step
+        self.recent = int(value.get("recent", 0))
         self.rotation = _rotation_from_meta(value["rotation"]) if "rotation" in value else None
-        self.keys = self.values = None
+        self.keys = self.values = self.window_keys = self.window_values = None
         self.offset = 0
 
 

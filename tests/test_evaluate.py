@@ -116,17 +116,20 @@ def test_bad_settings_are_user_errors(args):
 
 @pytest.mark.slow
 def test_end_to_end_int8_and_int4_quality_on_the_default_model(dense_model):
-    """2 windows x 128 tokens through the real quantized cache. Bounds are an order of
-    magnitude looser than the full-size targets (docs/quality.md): short windows are noisy."""
+    """2 windows x 192 tokens through the real quantized caches, with make_cache's defaults
+    (rotation, 64 recent tokens in full precision). Bounds are an order of magnitude looser
+    than the full-size targets (docs/quality.md): short windows are noisy."""
     model, tokenizer = dense_model
-    context, windows = 128, 2
+    context, windows = 192, 2
     tokens = encode_text(tokenizer, _text(), context * windows)
-    int8, int4 = KVFormat(8, 64, rotation=True), KVFormat(4, 64, rotation=True)
+    int8 = KVFormat(8, 32, rotation=True, recent=64)
+    int4 = KVFormat(4, 32, rotation=True, recent=64)
     report = evaluate(model, tokenizer, tokens, [int8, int4], context=context,
                       windows=windows)
     assert report["decode_tokens_scored"] == windows * (context - 1)
     fp, r8, r4 = report["results"]
-    assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot", "int4-g64-rot"]
+    assert [r["format"] for r in report["results"]] == ["fp", "int8-g32-rot-w64",
+                                                        "int4-g32-rot-w64"]
     assert 1 < fp["ppl"] < 200
     assert abs(r8["rel_ppl_change"]) < 0.01
     assert r8["kl_mean"] < 0.005 and r8["top1_agreement"] >= 0.97
@@ -141,7 +144,7 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     text.write_text(PARAGRAPH)
     out = tmp_path / "report.json"
     rc = main(["--text-file", str(text), "--context", "24", "--windows", "1",
-               "--kv-bits", "8", "--rotation", "on", "--json", str(out), "--quiet"])
+               "--kv-bits", "8", "--kv-group-size", "64", "--kv-recent", "0", "--json", str(out), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "scored 23 tokens, all in decode mode" in printed

@@ -68,10 +68,16 @@ def test_mismatched_value_head_dim_is_an_error():
 
 
 def test_make_cache_builds_quantized_caches():
-    model = types.SimpleNamespace(layers=[object()] * 3)
+    model = types.SimpleNamespace(layers=[object()] * 3, head_dim=64)
     caches = make_cache(model, kv_bits=4, kv_group_size=32)
     assert len(caches) == 3 and all(isinstance(c, QuantizedKVCache) for c in caches)
     assert (caches[0].bits, caches[0].group_size) == (4, 32)
+    # Rotation on by default, one per layer (its own signs), stored with the cache state.
+    metas = [c.meta_state["rotation"] for c in caches]
+    assert [m["layer_index"] for m in metas] == [0, 1, 2]
+    assert not mx.array_equal(caches[0].rotation.matrix, caches[1].rotation.matrix)
+    plain = make_cache(model, kv_bits=8, kv_rotation=False, kv_recent=0)
+    assert all(c.rotation is None and c.recent == 0 for c in plain)
     with pytest.raises(MlxqError):
         make_cache(model, kv_bits=4, kv_group_size=48)
 
@@ -113,7 +119,7 @@ def test_save_load_roundtrip_is_exact(tmp_path):
     for a, b in zip(caches, loaded):
         assert isinstance(b, QuantizedKVCache)
         assert (b.bits, b.group_size, b.offset) == (a.bits, a.group_size, 41)
-        for x, y in zip(a.state[0] + a.state[1], b.state[0] + b.state[1]):
+        for x, y in zip(a.state["keys"] + a.state["values"], b.state["keys"] + b.state["values"]):
             assert x.dtype == y.dtype and mx.array_equal(x, y)
         # Both continue identically (the loaded one grows from a capacity of 41).
         q, k, v = _qkv(3, 9)
@@ -130,7 +136,8 @@ def test_trim_then_append_equals_never_having_the_trimmed_tokens():
     trimmed.attend(*first, scale=SCALE)
     fresh.attend(*first, scale=SCALE)
     assert mx.array_equal(trimmed.attend(*new, scale=SCALE), fresh.attend(*new, scale=SCALE))
-    for x, y in zip(trimmed.state[0] + trimmed.state[1], fresh.state[0] + fresh.state[1]):
+    for x, y in zip(trimmed.state["keys"] + trimmed.state["values"],
+                    fresh.state["keys"] + fresh.state["values"]):
         assert mx.array_equal(x, y)
 
 
@@ -161,7 +168,7 @@ def test_rotation_is_applied_to_stored_keys_and_undone_on_output():
         ref = plain.attend(q, k, v, scale=SCALE)
         # 8-bit error only: without the inverse the output would be in the rotated basis.
         assert float(mx.abs(out - ref).max()) < 0.03 * float(mx.abs(ref).max())
-    stored = _dequant(cache.state[0], 8, 32)
+    stored = _dequant(cache.state["keys"], 8, 32)
     want = plain.state[0] @ rot.R
     assert float(mx.abs(stored - want).max()) < 0.05
 
@@ -240,3 +247,66 @@ def test_decode_step_does_not_copy_the_cache(monkeypatch):
         mx.eval(cache.attend(*step, scale=SCALE))
         assert mx.get_peak_memory() - base < 0.05 * cache.nbytes
     assert cache.capacity == 3072 and cache.offset == 3003
+
+
+# --- full-precision window of the newest tokens -----------------------------------------
+def _step_reference(cache, q, k, v):
+    """What attend must return: exact attention over the cache's state before the call
+    (dequantized buffers, then the window) followed by the new tokens."""
+    st = cache.state
+    ks, vs = [], []
+    if "keys" in st:
+        ks.append(_dequant(st["keys"], cache.bits, cache.group_size))
+        vs.append(_dequant(st["values"], cache.bits, cache.group_size))
+    if "window_keys" in st:
+        ks.append(st["window_keys"])
+        vs.append(st["window_values"])
+    return mx.fast.scaled_dot_product_attention(
+        q, mx.concatenate([*ks, k], 2), mx.concatenate([*vs, v], 2), scale=SCALE,
+        mask="causal" if q.shape[2] > 1 else None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulate"])
+def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch, backend):
+    monkeypatch.setenv("MLXQ_KERNELS", backend)
+    cache = QuantizedKVCache(bits=4, group_size=32, recent=16)
+    seen = 0
+    for L, seed in ((10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)):
+        q, k, v = _qkv(L, seed)
+        want = _step_reference(cache, q, k, v)
+        out = cache.attend(q, k, v, scale=SCALE)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=3e-5, rtol=1e-4)
+        seen += L
+        assert cache.offset == seen
+        assert cache.window_length == min(16, seen)
+        assert cache.quantized_length == seen - cache.window_length
+
+
+def test_window_keeps_recent_tokens_exact():
+    """With every token still inside the window the output is exact attention; the int4
+    error appears only for tokens that left it."""
+    q, k, v = _qkv(40, 9)
+    exact = KVCache(dtype=mx.float32).attend(q, k, v, scale=SCALE)
+    inside = QuantizedKVCache(bits=4, recent=64).attend(q, k, v, scale=SCALE)
+    np.testing.assert_allclose(np.asarray(inside), np.asarray(exact), atol=1e-5, rtol=1e-5)
+    cache = QuantizedKVCache(bits=4, recent=8)
+    cache.attend(q[:, :, :32], k[:, :, :32], v[:, :, :32], scale=SCALE)
+    out = cache.attend(q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], scale=SCALE)
+    assert float(mx.abs(out - exact[:, :, 32:]).max()) > 1e-3
+
+
+def test_window_cache_save_load_and_trim(tmp_path):
+    from mlxq.rotation import HadamardRotation
+
+    cache = QuantizedKVCache(bits=4, recent=12,
+                             rotation=HadamardRotation(D, seed=1, layer_index=2))
+    cache.attend(*_qkv(40, 1), scale=SCALE)
+    save_cache(tmp_path / "c.safetensors", [cache])
+    (loaded,) = load_cache(tmp_path / "c.safetensors")
+    assert (loaded.offset, loaded.window_length, loaded.recent) == (40, 12, 12)
+    q, k, v = _qkv(3, 2)
+    assert mx.array_equal(cache.attend(q, k, v, scale=SCALE), loaded.attend(q, k, v, scale=SCALE))
+    # Trimming takes the newest tokens: from the window first, then the quantized ones.
+    assert cache.trim(5) == 5 and (cache.offset, cache.window_length) == (38, 7)
+    assert cache.trim(20) == 20 and (cache.offset, cache.window_length) == (18, 0)
+    assert cache.quantized_length == 18

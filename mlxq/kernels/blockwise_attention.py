@@ -81,7 +81,8 @@ def chunked_prefill_attention(queries, keys, values, cache_keys, cache_values, c
                               scale, group_size, bits, block=None):
     """Causal attention of ``queries`` (B, Hq, L, D) over ``cached`` quantized tokens
     (``cache_keys``/``cache_values`` = (codes, scales, biases) whole buffers) followed by
-    the chunk's own ``keys``/``values`` (B, Hkv, L, D). Returns (B, Hq, L, D)."""
+    full-precision ``keys``/``values`` (B, Hkv, W, D), W >= L, whose last L tokens are the
+    queries' own. Returns (B, Hq, L, D)."""
     if cached == 0:
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask="causal")
@@ -96,9 +97,11 @@ def chunked_prefill_attention(queries, keys, values, cache_keys, cache_values, c
         acc.add(*acc.quantized_block(cache_keys, cache_values, start, stop, group_size, bits))
     k_new = keys.astype(mx.float32)[:, :, None]
     v_new = values.astype(mx.float32)[:, :, None]
-    rows = mx.arange(L)[:, None]
-    for start in range(0, L, block):
-        stop = min(start + block, L)
+    W = keys.shape[2]
+    # The queries are the last L of the W full-precision tokens (W > L with a window).
+    rows = mx.arange(L)[:, None] + (W - L)
+    for start in range(0, W, block):
+        stop = min(start + block, W)
         k, v = _after(acc.state, (k_new[..., start:stop, :], v_new[..., start:stop, :]))
         acc.add(k, v, mx.arange(start, stop)[None, :] <= rows)
     return acc.result()

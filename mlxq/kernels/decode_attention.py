@@ -15,9 +15,10 @@ import mlx.core as mx
 
 from ..backend import kernel_backend, metal_kernel
 from ..kernel_source import read_kernel_source
-from .blockwise_attention import blockwise_decode_attention
+from .blockwise_attention import blockwise_decode_attention, chunked_prefill_attention
 
 MAX_QUERY_TOKENS = 8
+LOG2E = 1.4426950408889634
 TILE = 32                      # keys per tile (metal TK)
 MAX_ROWS_PER_SIMDGROUP = 4     # register budget: 4 rows x D/32 accumulators per lane
 MAX_SIMDGROUPS = 8
@@ -116,22 +117,34 @@ def quantized_decode_attention(queries, k_codes, k_scales, k_biases, v_codes, v_
                 scale, group_size, bits)
         return reference_decode_attention(queries, k_codes, k_scales, k_biases, v_codes,
                                           v_scales, v_biases, length, scale, group_size, bits)
-    B, Hq, Lq, D = queries.shape
-    _, Hkv, cap, _ = k_codes.shape
-    if not 1 <= Lq <= MAX_QUERY_TOKENS or Hq % Hkv or not Lq <= length <= cap:
-        raise ValueError(f"bad decode shapes: queries {queries.shape}, cache {k_codes.shape}, "
-                         f"length {length}")
     out_dtype = queries.dtype
-    if out_dtype not in (mx.float16, mx.float32):
+    out, o_part, ml_part = _attention_pass(
+        queries, (k_codes, k_scales, k_biases), (v_codes, v_scales, v_biases), length, scale,
+        group_size, bits, backend, partials=False)
+    if out is None:
+        out = _merge(o_part, ml_part, queries, backend)
+    return out.astype(out_dtype) if out.dtype != out_dtype else out
+
+
+def _attention_pass(queries, cache_keys, cache_values, length, scale, group_size, bits,
+                    backend, partials):
+    """Pass 1. Returns (out, None, None) when one block covers the sequence and
+    ``partials`` is False, else (None, o_part, ml_part)."""
+    B, Hq, Lq, D = queries.shape
+    _, Hkv, cap, _ = cache_keys[0].shape
+    if not 1 <= Lq <= MAX_QUERY_TOKENS or Hq % Hkv or not Lq <= length <= cap:
+        raise ValueError(f"bad decode shapes: queries {queries.shape}, cache "
+                         f"{cache_keys[0].shape}, length {length}")
+    if queries.dtype not in (mx.float16, mx.float32):
         queries = queries.astype(mx.float32)
     G = Hq // Hkv
     p = plan_decode(B, Hkv, G, Lq, D, bits, group_size, length)
-    single = p.n_blocks == 1
+    single = p.n_blocks == 1 and not partials
     rows = B * Hq * Lq
     nt = 32 * p.simdgroups
     params = mx.array([length, p.block, cap, Hkv, p.row_chunks, p.n_blocks], dtype=mx.int32)
     out, o_part, ml_part = _attention_kernel(backend)(
-        inputs=[queries, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, params,
+        inputs=[queries, *cache_keys, *cache_values, params,
                 mx.array([scale], dtype=mx.float32)],
         template=[("T", queries.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
                   ("G", G), ("LQ", Lq), ("RT", p.rows_per_tg), ("NSG", p.simdgroups),
@@ -144,16 +157,67 @@ def quantized_decode_attention(queries, k_codes, k_scales, k_biases, v_codes, v_
                        (1,) if single else (rows, p.n_blocks, 2)],
         output_dtypes=[queries.dtype, mx.float32, mx.float32],
     )
-    if not single:
-        (out,) = _merge_kernel(backend)(
-            inputs=[o_part, ml_part, mx.array([p.n_blocks], dtype=mx.int32)],
-            template=[("T", queries.dtype), ("D", D)],
-            grid=(32, rows, 1),
-            threadgroup=(32, 1, 1),
-            output_shapes=[(B, Hq, Lq, D)],
-            output_dtypes=[queries.dtype],
-        )
-    return out.astype(out_dtype) if out.dtype != out_dtype else out
+    return (out, None, None) if single else (None, o_part, ml_part)
+
+
+def _merge(o_part, ml_part, queries, backend):
+    """Pass 2: (rows, n_blocks, D) partials -> (B, Hq, Lq, D) in the queries' dtype."""
+    B, Hq, Lq, D = queries.shape
+    dtype = queries.dtype if queries.dtype in (mx.float16, mx.float32) else mx.float32
+    (out,) = _merge_kernel(backend)(
+        inputs=[o_part, ml_part, mx.array([o_part.shape[1]], dtype=mx.int32)],
+        template=[("T", dtype), ("D", D)],
+        grid=(32, B * Hq * Lq, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(B, Hq, Lq, D)],
+        output_dtypes=[dtype],
+    )
+    return out
+
+
+def _window_partial(queries, keys, values, scale):
+    """The partial (o, max, sum) of ``queries`` (B, Hq, L, D) over a short full-precision
+    window (B, Hkv, W, D) whose last L tokens are the queries' own, in the kernel's format
+    (log2 units): o_part (rows, 1, D), ml_part (rows, 1, 2)."""
+    B, Hq, L, D = queries.shape
+    Hkv, W = keys.shape[1], keys.shape[2]
+    q = queries.astype(mx.float32).reshape(B, Hkv, Hq // Hkv, L, D) * (scale * LOG2E)
+    s = q @ keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)      # (B, Hkv, G, L, W)
+    if L > 1:
+        visible = mx.arange(W)[None, :] <= mx.arange(L)[:, None] + (W - L)
+        s = mx.where(visible, s, -float("inf"))
+    m = s.max(axis=-1, keepdims=True)
+    p = mx.power(2.0, s - m)
+    o = p @ values.astype(mx.float32)[:, :, None]
+    rows = B * Hq * L
+    ml = mx.concatenate([m, p.sum(axis=-1, keepdims=True)], axis=-1)
+    return o.reshape(rows, 1, D), ml.reshape(rows, 1, 2)
+
+
+def window_attention(queries, win_keys, win_values, cache_keys, cache_values, cached, scale,
+                     group_size, bits, backend=None):
+    """Causal attention of ``queries`` (B, Hq, L, D) over ``cached`` quantized tokens
+    followed by a full-precision window (B, Hkv, W, D), W >= L, whose last L tokens are
+    the queries' own. Decode (L <= 8) on the kernel backends: pass 1 over the quantized
+    tokens with every query row treated as its own head (all of them see every cached
+    token), the window's partial in MLX ops, and pass 2 merges both."""
+    backend = backend or kernel_backend()
+    L = queries.shape[2]
+    if cached == 0:
+        return mx.fast.scaled_dot_product_attention(
+            queries, win_keys.astype(queries.dtype), win_values.astype(queries.dtype),
+            scale=scale, mask="causal" if L > 1 else None)
+    if backend == "reference" or L > MAX_QUERY_TOKENS:
+        return chunked_prefill_attention(queries, win_keys, win_values, cache_keys,
+                                         cache_values, cached, scale, group_size, bits)
+    B, Hq, _, D = queries.shape
+    # (B, Hq, L, D) -> (B, Hq*L, 1, D): row h*L + t still maps to KV head h // G.
+    rows_as_heads = queries.reshape(B, Hq * L, 1, D)
+    _, o_q, ml_q = _attention_pass(rows_as_heads, cache_keys, cache_values, cached, scale,
+                                   group_size, bits, backend, partials=True)
+    o_w, ml_w = _window_partial(queries, win_keys, win_values, scale)
+    return _merge(mx.concatenate([o_q, o_w], axis=1), mx.concatenate([ml_q, ml_w], axis=1),
+                  queries, backend)
 
 
 def bytes_read(batch, kv_heads, length, D, bits, group_size) -> int:

@@ -70,6 +70,8 @@ def parse_args(argv=None):
                    help="prefill chunk size, as mlxq.generate (default: %(default)s)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4)
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--recent", type=int, default=None,
+                   help="mlxq: newest tokens kept in full precision (default: mlxq's, 128)")
     p.add_argument("--weight-bits", type=int, choices=[4, 8], default=4,
                    help="weight quantization of the random models (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -152,15 +154,17 @@ def cache_paths(args, dtype):
     for backend in common.mlxq_backends(args):
         label = common.mlxq_label(f"mlxq int{args.bits} KV", backend)
         make = common.backend_unavailable(backend) or (
-            lambda m: make_cache(m, kv_bits=args.bits, kv_group_size=args.group_size))
+            lambda m: make_cache(m, kv_bits=args.bits, kv_group_size=args.group_size,
+                                 kv_recent=args.recent))
         out.append((f"mlxq_{backend}", label, backend, make))
     return out
 
 
 def cache_arrays(caches):
     """Every array a list of caches holds (mlxq's or mlx-lm's), to evaluate them."""
-    return [a for c in caches for _, a in tree_flatten([c.keys, c.values])
-            if isinstance(a, mx.array)]
+    held = [[c.keys, c.values, getattr(c, "window_keys", None),
+             getattr(c, "window_values", None)] for c in caches]
+    return [a for _, a in tree_flatten(held) if isinstance(a, mx.array)]
 
 
 # --- one run: prefill to each context, then decode ------------------------------------------

@@ -237,10 +237,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="feed the prompt as plain text")
     p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
     p.add_argument("--kv-group-size", type=int, default=None, choices=(32, 64, 128),
-                   help="quantized KV group size (default: 32, see docs/quality.md)")
+                   help="quantized KV group size (default: 64, see docs/quality.md)")
     p.add_argument("--kv-recent", type=int, default=None, metavar="N",
                    help="newest tokens kept in full precision by a quantized KV cache "
-                        "(default: 64)")
+                        "(default: 128)")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)

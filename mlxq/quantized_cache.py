@@ -25,8 +25,8 @@ from .kernels.kv_write import quantize_kv
 
 SUPPORTED_BITS = (4, 8)
 # Chosen by measurement (docs/quality.md): make_cache's defaults for quantized caches.
-DEFAULT_GROUP_SIZE = 32
-DEFAULT_RECENT = 64
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_RECENT = 128
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 _FP16_BYTES = 2
@@ -165,11 +165,14 @@ class QuantizedKVCache:
     def _attend_with_window(self, queries, keys, values, scale):
         """The newest ``recent`` tokens stay in full precision (attention is sharpest on
         them); older ones are quantized as they leave the window."""
+        # float16 like an fp16 cache, on every backend (the CPU computes in float32, but the
+        # window should weigh what it weighs on the GPU).
+        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         if self.window_keys is None:
             win_k, win_v = keys, values
         else:
-            win_k = mx.concatenate([self.window_keys, keys.astype(self.window_keys.dtype)], 2)
-            win_v = mx.concatenate([self.window_values, values.astype(self.window_keys.dtype)], 2)
+            win_k = mx.concatenate([self.window_keys, keys], axis=2)
+            win_v = mx.concatenate([self.window_values, values], axis=2)
         cached = self.quantized_length
         out = window_attention(queries, win_k, win_v, self.keys, self.values, cached, scale,
                                self.group_size, self.bits)

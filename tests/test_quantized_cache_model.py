@@ -1,10 +1,13 @@
 """The default model with the int4 cache: the emulated kernels generate the same greedy
 tokens as the reference path, through the cache's growth boundary (256 tokens)."""
 
-import mlxq.quantized_cache as qc
+import pytest
+
+import mlxq.kernels.decode_attention as da
 from mlxq.generate import stream_generate
 
-PROMPT_TOKENS = 245  # 245 + 16 generated > 256: the buffers grow during decoding
+# The quantized tokens cross 256 during decoding: the buffers grow.
+QUANTIZED_AT_START = 245
 MAX_TOKENS = 16
 
 TEXT = (
@@ -13,31 +16,35 @@ TEXT = (
 ) * 20
 
 
-def _greedy_tokens(model, tokenizer, prompt_ids, monkeypatch, backend):
+def _greedy_tokens(model, tokenizer, prompt_ids, monkeypatch, backend, recent):
     monkeypatch.setenv("MLXQ_KERNELS", backend)
     seen = []
-    real = qc.quantized_decode_attention
+    real = da._attention_pass
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("backend"))
+        seen.append(args[7])  # the backend the fused kernel ran on
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qc, "quantized_decode_attention", spy)
+    monkeypatch.setattr(da, "_attention_pass", spy)
     tokens = [r.token for r in stream_generate(
-        model, tokenizer, prompt_ids, max_tokens=MAX_TOKENS, kv_bits=4, kv_group_size=64)]
+        model, tokenizer, prompt_ids, max_tokens=MAX_TOKENS, kv_bits=4, kv_group_size=64,
+        kv_recent=recent)]
     monkeypatch.undo()
     return tokens, seen
 
 
-def test_emulated_kernels_generate_the_reference_tokens(default_model, monkeypatch):
+@pytest.mark.parametrize("recent", [0, 64])
+def test_emulated_kernels_generate_the_reference_tokens(default_model, monkeypatch, recent):
     model, tokenizer = default_model
-    ids = tokenizer.encode(TEXT)[:PROMPT_TOKENS]
-    assert len(ids) == PROMPT_TOKENS
-    ref, ref_backends = _greedy_tokens(model, tokenizer, ids, monkeypatch, "reference")
-    emu, emu_backends = _greedy_tokens(model, tokenizer, ids, monkeypatch, "emulate")
+    n_prompt = QUANTIZED_AT_START + recent
+    ids = tokenizer.encode(TEXT)[:n_prompt]
+    assert len(ids) == n_prompt
+    ref, ref_kernels = _greedy_tokens(model, tokenizer, ids, monkeypatch, "reference", recent)
+    emu, emu_kernels = _greedy_tokens(model, tokenizer, ids, monkeypatch, "emulate", recent)
     assert len(ref) == MAX_TOKENS
     n_layers = len(model.layers)
-    # Every decode step of every layer went through the fused kernel on the emulator.
-    assert emu_backends.count("emulate") >= MAX_TOKENS * n_layers
-    assert set(ref_backends) == {"reference"}
+    # Every decode step of every layer went through the fused kernel on the emulator;
+    # the reference backend never runs a kernel.
+    assert emu_kernels.count("emulate") >= (MAX_TOKENS - 1) * n_layers
+    assert ref_kernels == []
     assert emu == ref

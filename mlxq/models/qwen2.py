@@ -8,10 +8,15 @@ __all__ = ["Model", "ModelArgs"]
 
 
 @dataclass
-class ModelArgs(TransformerArgs):
+class QwenArgs(TransformerArgs):
+    """Defaults shared by the Qwen families (Qwen3 builds on these too)."""
+
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
 
+
+@dataclass
+class ModelArgs(QwenArgs):
     @property
     def qkv_bias(self) -> bool:
         return True

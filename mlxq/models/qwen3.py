@@ -2,16 +2,14 @@
 
 from dataclasses import dataclass
 
-from .transformer import Model, TransformerArgs
+from .qwen2 import QwenArgs
+from .transformer import Model
 
 __all__ = ["Model", "ModelArgs"]
 
 
 @dataclass
-class ModelArgs(TransformerArgs):
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-
+class ModelArgs(QwenArgs):
     @property
     def qk_norm(self) -> bool:
         return True

@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
     p.add_argument("--recent", type=int, default=None,
                    help="mlxq: newest tokens kept in full precision (default: mlxq's, 128)")
+    p.add_argument("--sink", type=int, default=None,
+                   help="mlxq: first tokens kept in full precision (default: mlxq's, 4)")
     p.add_argument("--weight-bits", type=int, choices=[4, 8], default=4,
                    help="weight quantization of the random models (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -155,15 +157,15 @@ def cache_paths(args, dtype):
         label = common.mlxq_label(f"mlxq int{args.bits} KV", backend)
         make = common.backend_unavailable(backend) or (
             lambda m: make_cache(m, kv_bits=args.bits, kv_group_size=args.group_size,
-                                 kv_recent=args.recent))
+                                 kv_recent=args.recent, kv_sink=args.sink))
         out.append((f"mlxq_{backend}", label, backend, make))
     return out
 
 
 def cache_arrays(caches):
     """Every array a list of caches holds (mlxq's or mlx-lm's), to evaluate them."""
-    held = [[c.keys, c.values, getattr(c, "window_keys", None),
-             getattr(c, "window_values", None)] for c in caches]
+    held = [[c.keys, c.values] + [getattr(c, name, None) for name in (
+        "window_keys", "window_values", "sink_keys", "sink_values")] for c in caches]
     return [a for _, a in tree_flatten(held) if isinstance(a, mx.array)]
 
 

@@ -167,14 +167,15 @@ def cache_class(kv_bits: int = 16, kv_group_size: int = 64):
 
 
 def make_cache(model, kv_bits: int = 16, kv_group_size: int | None = None,
-               kv_rotation: bool = True, kv_recent: int | None = None, rotation_seed: int = 0,
-               **options) -> list:
+               kv_rotation: bool = True, kv_recent: int | None = None,
+               kv_sink: int | None = None, rotation_seed: int = 0, **options) -> list:
     """One cache per layer of ``model``: KVCache for 16 bits, QuantizedKVCache for 8/4.
 
     Quantized caches default to what measured best (docs/quality.md): group size
-    DEFAULT_GROUP_SIZE, a Hadamard rotation per layer (``kv_rotation``) and the newest
-    DEFAULT_RECENT tokens in full precision (``kv_recent``)."""
-    from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT
+    DEFAULT_GROUP_SIZE, a Hadamard rotation per layer (``kv_rotation``), the newest
+    DEFAULT_RECENT tokens (``kv_recent``) and the first DEFAULT_SINK tokens (``kv_sink``)
+    in full precision."""
+    from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 
     if kv_group_size is None:
         kv_group_size = DEFAULT_GROUP_SIZE
@@ -182,8 +183,10 @@ def make_cache(model, kv_bits: int = 16, kv_group_size: int | None = None,
     if cls is KVCache:
         return [KVCache(**options) for _ in model.layers]
     recent = DEFAULT_RECENT if kv_recent is None else kv_recent
-    if not isinstance(recent, int) or recent < 0:
-        raise MlxqError(f"kv_recent must be a non-negative number of tokens, got {recent!r}")
+    sink = DEFAULT_SINK if kv_sink is None else kv_sink
+    for name, n in (("kv_recent", recent), ("kv_sink", sink)):
+        if not isinstance(n, int) or n < 0:
+            raise MlxqError(f"{name} must be a non-negative number of tokens, got {n!r}")
     # Fail before any work when the model's heads do not fit the quantized layout.
     head_dim = getattr(model, "head_dim", None)
     if isinstance(head_dim, int):
@@ -197,8 +200,8 @@ def make_cache(model, kv_bits: int = 16, kv_group_size: int | None = None,
         rotations = rotations_for(model, rotation_seed)
     else:
         rotations = [None] * len(model.layers)
-    return [cls(bits=kv_bits, group_size=kv_group_size, rotation=r, recent=recent, **options)
-            for r in rotations]
+    return [cls(bits=kv_bits, group_size=kv_group_size, rotation=r, recent=recent, sink=sink,
+                **options) for r in rotations]
 
 
 def cache_nbytes(caches) -> int:

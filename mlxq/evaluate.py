@@ -10,6 +10,7 @@ and top-1 agreement, so nothing of size (tokens x vocab) is ever kept.
 """
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -24,7 +25,7 @@ from mlx import nn
 from .cache import cache_class, make_cache
 from .errors import MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
-from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT
+from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 
 DEFAULT_CONTEXT = 1024
 DEFAULT_WINDOWS = 4
@@ -35,36 +36,38 @@ DEFAULT_STEP = MAX_QUERY_TOKENS
 @dataclass(frozen=True)
 class KVFormat:
     """One KV cache format. bits 16 = the full-precision KVCache (the reference);
-    ``recent``: newest tokens kept in full precision."""
+    ``recent``/``sink``: newest/first tokens kept in full precision."""
 
     bits: int = 16
     group_size: int = 64
     rotation: bool = False
     seed: int = 0
     recent: int = 0
+    sink: int = 0
 
     @property
     def name(self) -> str:
         if self.bits == 16:
             return "fp"
         return (f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
-                + (f"-w{self.recent}" if self.recent else ""))
+                + (f"-w{self.recent}" if self.recent else "")
+                + (f"-s{self.sink}" if self.sink else ""))
 
 
 FULL_PRECISION = KVFormat(16)
-_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(?:-w(\d+))?$")
+_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(?:-w(\d+))?(?:-s(\d+))?$")
 
 
 def parse_format(name: str, seed: int = 0) -> KVFormat:
-    """``int4-g64``, ``int4-g32-rot``, ``int4-g32-rot-w64``, ``int8-g64``, ... (the names
-    the report prints)."""
+    """``int4-g64``, ``int4-g32-rot``, ``int4-g64-rot-w128-s4``, ``int8-g64``, ... (the
+    names the report prints)."""
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
-        raise MlxqError(f"bad KV format {name!r}: use int<bits>-g<group>[-rot][-w<recent>], "
-                        "e.g. int4-g32-rot-w64")
+        raise MlxqError(f"bad KV format {name!r}: use "
+                        "int<bits>-g<group>[-rot][-w<recent>][-s<sink>], e.g. int4-g64-rot-w128-s4")
     bits, group = int(m[1]), int(m[2])
     cache_class(bits, group)  # the cache's own message for unsupported values
-    return KVFormat(bits, group, m[3] is not None, seed, int(m[4] or 0))
+    return KVFormat(bits, group, m[3] is not None, seed, int(m[4] or 0), int(m[5] or 0))
 
 
 def make_format_caches(model, fmt: KVFormat) -> list:
@@ -72,7 +75,8 @@ def make_format_caches(model, fmt: KVFormat) -> list:
     if fmt.bits == 16:
         return make_cache(model)
     return make_cache(model, kv_bits=fmt.bits, kv_group_size=fmt.group_size,
-                      kv_rotation=fmt.rotation, kv_recent=fmt.recent, rotation_seed=fmt.seed)
+                      kv_rotation=fmt.rotation, kv_recent=fmt.recent, kv_sink=fmt.sink,
+                      rotation_seed=fmt.seed)
 
 
 def dense_weights(model) -> int:
@@ -240,12 +244,12 @@ def _progress(total, enabled):
 
 # --- report ----------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    rows = [f"{'format':<20}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
+    rows = [f"{'format':<24}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
     for r in report["results"]:
         if r["bits"] == 16:
-            rows.append(f"{r['format']:<20}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
+            rows.append(f"{r['format']:<24}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
             continue
-        rows.append(f"{r['format']:<20}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
+        rows.append(f"{r['format']:<24}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
                     f"{r['kl_mean']:>11.5f}{r['kl_p99']:>10.4f}"
                     f"{100 * r['top1_agreement']:>8.2f}%")
     return "\n".join(rows)
@@ -280,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-recent", type=int, nargs="+", default=[DEFAULT_RECENT], metavar="N",
                    help="newest tokens kept in full precision (default: "
                         f"{DEFAULT_RECENT}; 0 = quantize every token)")
+    p.add_argument("--kv-sink", type=int, nargs="+", default=[DEFAULT_SINK], metavar="N",
+                   help=f"first tokens kept in full precision (default: {DEFAULT_SINK})")
     p.add_argument("--rotation-seed", type=int, default=0)
     p.add_argument("--formats", nargs="+", metavar="NAME",
                    help="exact formats instead of --kv-bits/--kv-group-size/--rotation, "
@@ -307,10 +313,10 @@ def _formats(args) -> list:
             continue
         for group in args.kv_group_size:
             cache_class(bits, group)  # the cache's own message for unsupported values
-            for recent in args.kv_recent:
-                if recent < 0:
-                    raise MlxqError(f"--kv-recent must be at least 0, got {recent}")
-                out += [KVFormat(bits, group, rot, args.rotation_seed, recent)
+            for recent, sink in itertools.product(args.kv_recent, args.kv_sink):
+                if min(recent, sink) < 0:
+                    raise MlxqError("--kv-recent and --kv-sink must be at least 0")
+                out += [KVFormat(bits, group, rot, args.rotation_seed, recent, sink)
                         for rot in rotations]
     return out
 

@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-recent", type=int, default=None, metavar="N",
                    help="newest tokens kept in full precision by a quantized KV cache "
                         "(default: 128)")
+    p.add_argument("--kv-sink", type=int, default=None, metavar="N",
+                   help="first tokens of the sequence kept in full precision by a quantized "
+                        "KV cache (default: 4)")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
@@ -257,8 +260,9 @@ def main(argv=None):
         raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
     make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
     cache_class(args.kv_bits, args.kv_group_size or 64)
-    if args.kv_recent is not None and args.kv_recent < 0:
-        raise MlxqError(f"--kv-recent must be at least 0, got {args.kv_recent}")
+    for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
+        if n is not None and n < 0:
+            raise MlxqError(f"{flag} must be at least 0, got {n}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise MlxqError("the prompt is empty")
@@ -271,7 +275,7 @@ def main(argv=None):
         model, tokenizer, prompt,
         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed,
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-        kv_recent=args.kv_recent, kv_rotation=not args.no_kv_rotation,
+        kv_recent=args.kv_recent, kv_sink=args.kv_sink, kv_rotation=not args.no_kv_rotation,
         prefill_step_size=args.prefill_step_size, system=args.system,
         chat_template=not args.ignore_chat_template,
     ):

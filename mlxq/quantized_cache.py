@@ -27,6 +27,7 @@ SUPPORTED_BITS = (4, 8)
 # Chosen by measurement (docs/quality.md): make_cache's defaults for quantized caches.
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_RECENT = 128
+DEFAULT_SINK = 4
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 _FP16_BYTES = 2
@@ -64,14 +65,18 @@ class QuantizedKVCache:
     step = 256
     rotation = None
     recent = 0
-    window_keys = None   # the newest <= `recent` tokens, full precision, not yet quantized
+    sink = 0
+    window_keys = None   # the newest <= `recent` tokens, float16, not yet quantized
     window_values = None
+    sink_keys = None     # the first <= `sink` tokens of the sequence, float16, never quantized
+    sink_values = None
 
     def __init__(self, bits: int = 4, group_size: int = 64, rotation=None, step: int = 256,
-                 recent: int = 0):
+                 recent: int = 0, sink: int = 0):
         check_options(bits, group_size, step)
-        if not isinstance(recent, int) or recent < 0:
-            raise MlxqError(f"recent must be a non-negative number of tokens, got {recent!r}")
+        for name, n in (("recent", recent), ("sink", sink)):
+            if not isinstance(n, int) or n < 0:
+                raise MlxqError(f"{name} must be a non-negative number of tokens, got {n!r}")
         if rotation is not None and not (hasattr(rotation, "forward")
                                          and hasattr(rotation, "inverse")):
             raise MlxqError("rotation must have forward(x) and inverse(y) methods")
@@ -80,6 +85,7 @@ class QuantizedKVCache:
         self.rotation = rotation
         self.step = step
         self.recent = recent
+        self.sink = sink
         self.keys = None
         self.values = None
         self.offset = 0
@@ -94,9 +100,14 @@ class QuantizedKVCache:
         return 0 if self.window_keys is None else self.window_keys.shape[2]
 
     @property
+    def sink_length(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+
+    @property
     def quantized_length(self) -> int:
-        """Tokens in the int4/int8 buffers (the oldest ones); the rest are in the window."""
-        return self.offset - self.window_length
+        """Tokens in the int4/int8 buffers: positions [sink_length, sink_length + this);
+        the sink holds the first ones, the window the newest ones."""
+        return self.offset - self.window_length - self.sink_length
 
     def _grow(self, B: int, H: int, D: int, needed: int):
         # Whole steps of zeros appended: one copy per `step` tokens, never per token.
@@ -110,10 +121,9 @@ class QuantizedKVCache:
             self.keys = [mx.concatenate([x, z], axis=2) for x, z in zip(self.keys, new)]
             self.values = [mx.concatenate([x, z], axis=2) for x, z in zip(self.values, new)]
 
-    def _quantize_into_buffers(self, keys, values):
-        """Append (B, Hkv, L, D) keys/values to the quantized buffers."""
+    def _quantize_into_buffers(self, keys, values, start: int):
+        """Write (B, Hkv, L, D) keys/values into the quantized buffers from ``start``."""
         B, H, L, D = keys.shape
-        start = self.quantized_length
         end = start + L
         if end > self.capacity:
             self._grow(B, H, D, end)
@@ -139,7 +149,7 @@ class QuantizedKVCache:
         self._check_shapes(queries, keys, values)
         if self.rotation is not None:
             queries, keys, values = (self.rotation.forward(x) for x in (queries, keys, values))
-        if self.recent:
+        if self.recent or self.sink:
             out = self._attend_with_window(queries, keys, values, scale)
         else:
             out = self._attend_quantized(queries, keys, values, scale)
@@ -150,7 +160,7 @@ class QuantizedKVCache:
     def _attend_quantized(self, queries, keys, values, scale):
         """No window: new tokens are quantized at once and decode reads only the buffers."""
         cached = self.quantized_length
-        self._quantize_into_buffers(keys, values)
+        self._quantize_into_buffers(keys, values, cached)
         self.offset += keys.shape[2]
         if queries.shape[2] <= MAX_QUERY_TOKENS:
             return quantized_decode_attention(
@@ -164,7 +174,8 @@ class QuantizedKVCache:
 
     def _attend_with_window(self, queries, keys, values, scale):
         """The newest ``recent`` tokens stay in full precision (attention is sharpest on
-        them); older ones are quantized as they leave the window."""
+        them) and so do the first ``sink`` tokens of the sequence (attention sinks: every
+        later token attends to them); the others are quantized as they leave the window."""
         # float16 like an fp16 cache, on every backend (the CPU computes in float32, but the
         # window should weigh what it weighs on the GPU).
         keys, values = keys.astype(mx.float16), values.astype(mx.float16)
@@ -174,11 +185,24 @@ class QuantizedKVCache:
             win_k = mx.concatenate([self.window_keys, keys], axis=2)
             win_v = mx.concatenate([self.window_values, values], axis=2)
         cached = self.quantized_length
-        out = window_attention(queries, win_k, win_v, self.keys, self.values, cached, scale,
+        fp_k, fp_v = win_k, win_v
+        if self.sink_keys is not None:
+            # Sink tokens are older than every query, so they join the full-precision keys
+            # at the front (the order of visible keys does not matter to attention).
+            fp_k = mx.concatenate([self.sink_keys, win_k], axis=2)
+            fp_v = mx.concatenate([self.sink_values, win_v], axis=2)
+        out = window_attention(queries, fp_k, fp_v, self.keys, self.values, cached, scale,
                                self.group_size, self.bits)
         leaving = win_k.shape[2] - self.recent
         if leaving > 0:
-            self._quantize_into_buffers(win_k[:, :, :leaving], win_v[:, :, :leaving])
+            to_sink = min(leaving, self.sink - self.sink_length)
+            if to_sink > 0:
+                self.sink_keys, self.sink_values = (
+                    x[:, :, :to_sink] if s is None else mx.concatenate([s, x[:, :, :to_sink]], 2)
+                    for s, x in ((self.sink_keys, win_k), (self.sink_values, win_v)))
+            if leaving > to_sink:
+                self._quantize_into_buffers(win_k[:, :, to_sink:leaving],
+                                            win_v[:, :, to_sink:leaving], cached)
             win_k, win_v = win_k[:, :, leaving:], win_v[:, :, leaving:]
         self.window_keys, self.window_values = win_k, win_v
         self.offset += keys.shape[2]
@@ -191,11 +215,17 @@ class QuantizedKVCache:
     def trim(self, n: int) -> int:
         """Forget the last ``n`` tokens (the buffers stay allocated). Returns how many."""
         n = max(0, min(self.offset, n))
+        # Newest first: the window, then the quantized tokens, then the sink.
         from_window = min(n, self.window_length)
         if from_window:
             keep = self.window_length - from_window
             self.window_keys = self.window_keys[:, :, :keep] if keep else None
             self.window_values = self.window_values[:, :, :keep] if keep else None
+        from_sink = max(0, n - from_window - self.quantized_length)
+        if from_sink:
+            keep = self.sink_length - from_sink
+            self.sink_keys = self.sink_keys[:, :, :keep] if keep else None
+            self.sink_values = self.sink_values[:, :, :keep] if keep else None
         self.offset -= n
         return n
 
@@ -206,20 +236,23 @@ class QuantizedKVCache:
     def nbytes(self) -> int:
         """Bytes of the allocated buffers (capacity, not just the stored tokens)."""
         total = 0 if self.keys is None else sum(x.nbytes for x in self.keys + self.values)
-        if self.window_keys is not None:
-            total += self.window_keys.nbytes + self.window_values.nbytes
+        for x in (self.window_keys, self.window_values, self.sink_keys, self.sink_values):
+            total += 0 if x is None else x.nbytes
         return total
 
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 cache of the same capacity would allocate (for ratios)."""
-        if self.keys is None and self.window_keys is None:
+        full = next((x for x in (self.window_keys, self.sink_keys) if x is not None), None)
+        if full is not None:
+            B, H, _, head_dim = full.shape
+        elif self.keys is not None:
+            B, H, _, words = self.keys[0].shape
+            head_dim = words * 32 // self.bits
+        else:
             return 0
-        ref = self.keys[0] if self.keys is not None else self.window_keys
-        B, H = ref.shape[:2]
-        head_dim = (self.window_keys.shape[3] if self.window_keys is not None
-                    else self.keys[0].shape[3] * 32 // self.bits)
-        return 2 * B * H * (self.capacity + self.window_length) * head_dim * _FP16_BYTES
+        tokens = self.capacity + self.window_length + self.sink_length
+        return 2 * B * H * tokens * head_dim * _FP16_BYTES
 
     # --- save / load -----------------------------------------------------------------
     @property
@@ -234,12 +267,13 @@ class QuantizedKVCache:
             state["values"] = [x[..., :n, :] for x in self.values]
         if self.window_length:
             state["window_keys"], state["window_values"] = self.window_keys, self.window_values
+        if self.sink_length:
+            state["sink_keys"], state["sink_values"] = self.sink_keys, self.sink_values
         return state
 
     @state.setter
     def state(self, value):
-        self.keys = self.values = self.window_keys = self.window_values = None
-        self.offset = 0
+        self._clear()
         if not value:
             return
         if not isinstance(value, dict):  # (keys, values): a cache saved without a window
@@ -250,11 +284,14 @@ class QuantizedKVCache:
         if "window_keys" in value:
             self.window_keys, self.window_values = value["window_keys"], value["window_values"]
             self.offset += self.window_keys.shape[2]
+        if "sink_keys" in value:
+            self.sink_keys, self.sink_values = value["sink_keys"], value["sink_values"]
+            self.offset += self.sink_keys.shape[2]
 
     @property
     def meta_state(self):
         meta = {"bits": self.bits, "group_size": self.group_size, "step": self.step,
-                "recent": self.recent}
+                "recent": self.recent, "sink": self.sink}
         if self.rotation is not None:
             to_meta = getattr(self.rotation, "to_meta", None)
             if to_meta is None:
@@ -270,8 +307,13 @@ class QuantizedKVCache:
         check_options(bits, group_size, step)
         self.bits, self.group_size, self.step = bits, group_size, step
         self.recent = int(value.get("recent", 0))
+        self.sink = int(value.get("sink", 0))
         self.rotation = _rotation_from_meta(value["rotation"]) if "rotation" in value else None
+        self._clear()
+
+    def _clear(self):
         self.keys = self.values = self.window_keys = self.window_values = None
+        self.sink_keys = self.sink_values = None
         self.offset = 0
 
 

@@ -120,8 +120,9 @@ def attention_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def decode_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
-    # No full-precision window: at the quick contexts (64, 256) it would be most of the cache.
-    stdout = _run("decode_latency.py", out, "--include-reference", "--recent", "0")
+    # No full-precision tokens: at the quick contexts (64, 256) they would be most of the cache.
+    stdout = _run("decode_latency.py", out, "--include-reference", "--recent", "0",
+                  "--sink", "0")
     return out, stdout, json.loads((out / "decode_latency.json").read_text())
 
 

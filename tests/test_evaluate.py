@@ -11,7 +11,7 @@ import pytest
 from mlx import nn
 
 from mlxq.errors import MlxqError
-from mlxq.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT
+from mlxq.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 from mlxq.evaluate import (
     KVFormat,
     check_settings,
@@ -118,19 +118,20 @@ def test_bad_settings_are_user_errors(args):
 @pytest.mark.slow
 def test_end_to_end_int8_and_int4_quality_on_the_default_model(dense_model):
     """2 windows x 320 tokens through the real quantized caches, with make_cache's defaults
-    (group 64, rotation, 128 recent tokens in full precision). Bounds are an order of
+    (group 64, rotation, 128 recent and 4 first tokens in full precision). Bounds are an order of
     magnitude looser than the full-size targets (docs/quality.md): short windows are noisy."""
     model, tokenizer = dense_model
     context, windows = 320, 2
     tokens = encode_text(tokenizer, _text(), context * windows)
-    int8 = KVFormat(8, DEFAULT_GROUP_SIZE, rotation=True, recent=DEFAULT_RECENT)
-    int4 = KVFormat(4, DEFAULT_GROUP_SIZE, rotation=True, recent=DEFAULT_RECENT)
+    defaults = dict(rotation=True, recent=DEFAULT_RECENT, sink=DEFAULT_SINK)
+    int8 = KVFormat(8, DEFAULT_GROUP_SIZE, **defaults)
+    int4 = KVFormat(4, DEFAULT_GROUP_SIZE, **defaults)
     report = evaluate(model, tokenizer, tokens, [int8, int4], context=context,
                       windows=windows)
     assert report["decode_tokens_scored"] == windows * (context - 1)
     fp, r8, r4 = report["results"]
-    assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot-w128",
-                                                        "int4-g64-rot-w128"]
+    assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot-w128-s4",
+                                                        "int4-g64-rot-w128-s4"]
     assert 1 < fp["ppl"] < 200
     assert abs(r8["rel_ppl_change"]) < 0.01
     assert r8["kl_mean"] < 0.005 and r8["top1_agreement"] >= 0.97
@@ -145,7 +146,7 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     text.write_text(PARAGRAPH)
     out = tmp_path / "report.json"
     rc = main(["--text-file", str(text), "--context", "24", "--windows", "1",
-               "--kv-bits", "8", "--kv-group-size", "64", "--kv-recent", "0", "--json", str(out), "--quiet"])
+               "--kv-bits", "8", "--kv-group-size", "64", "--kv-recent", "0", "--kv-sink", "0", "--json", str(out), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "scored 23 tokens, all in decode mode" in printed

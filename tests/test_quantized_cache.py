@@ -252,9 +252,12 @@ def test_decode_step_does_not_copy_the_cache(monkeypatch):
 # --- full-precision window of the newest tokens -----------------------------------------
 def _step_reference(cache, q, k, v):
     """What attend must return: exact attention over the cache's state before the call
-    (dequantized buffers, then the window) followed by the new tokens."""
+    (sink, dequantized buffers, window) followed by the new tokens."""
     st = cache.state
     ks, vs = [], []
+    if "sink_keys" in st:
+        ks.append(st["sink_keys"].astype(mx.float32))
+        vs.append(st["sink_values"].astype(mx.float32))
     if "keys" in st:
         ks.append(_dequant(st["keys"], cache.bits, cache.group_size))
         vs.append(_dequant(st["values"], cache.bits, cache.group_size))
@@ -268,10 +271,11 @@ def _step_reference(cache, q, k, v):
         mask="causal" if q.shape[2] > 1 else None)
 
 
+@pytest.mark.parametrize("sink", [0, 3])
 @pytest.mark.parametrize("backend", ["reference", "emulate"])
-def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch, backend):
+def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch, backend, sink):
     monkeypatch.setenv("MLXQ_KERNELS", backend)
-    cache = QuantizedKVCache(bits=4, group_size=32, recent=16)
+    cache = QuantizedKVCache(bits=4, group_size=32, recent=16, sink=sink)
     seen = 0
     for L, seed in ((10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)):
         q, k, v = _qkv(L, seed)
@@ -281,7 +285,8 @@ def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch,
         seen += L
         assert cache.offset == seen
         assert cache.window_length == min(16, seen)
-        assert cache.quantized_length == seen - cache.window_length
+        assert cache.sink_length == min(sink, seen - cache.window_length)
+        assert cache.quantized_length == seen - cache.window_length - cache.sink_length
 
 
 def test_window_keeps_recent_tokens_exact():
@@ -302,15 +307,17 @@ def test_window_keeps_recent_tokens_exact():
 def test_window_cache_save_load_and_trim(tmp_path):
     from mlxq.rotation import HadamardRotation
 
-    cache = QuantizedKVCache(bits=4, recent=12,
+    cache = QuantizedKVCache(bits=4, recent=12, sink=2,
                              rotation=HadamardRotation(D, seed=1, layer_index=2))
     cache.attend(*_qkv(40, 1), scale=SCALE)
     save_cache(tmp_path / "c.safetensors", [cache])
     (loaded,) = load_cache(tmp_path / "c.safetensors")
-    assert (loaded.offset, loaded.window_length, loaded.recent) == (40, 12, 12)
+    assert (loaded.offset, loaded.window_length, loaded.sink_length) == (40, 12, 2)
+    assert (loaded.recent, loaded.sink) == (12, 2)
     q, k, v = _qkv(3, 2)
     assert mx.array_equal(cache.attend(q, k, v, scale=SCALE), loaded.attend(q, k, v, scale=SCALE))
-    # Trimming takes the newest tokens: from the window first, then the quantized ones.
+    # Trimming takes the newest tokens: the window, then the quantized ones, then the sink.
     assert cache.trim(5) == 5 and (cache.offset, cache.window_length) == (38, 7)
     assert cache.trim(20) == 20 and (cache.offset, cache.window_length) == (18, 0)
-    assert cache.quantized_length == 18
+    assert (cache.quantized_length, cache.sink_length) == (16, 2)
+    assert cache.trim(17) == 17 and (cache.quantized_length, cache.sink_length) == (0, 1)

@@ -28,6 +28,9 @@ SUPPORTED_BITS = (4, 8)
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_RECENT = 128
 DEFAULT_SINK = 4
+# Free float16 slots after the sink and window: the window moves back next to the sink
+# (a copy of sink + window) once per FP_SLACK new tokens instead of on every step.
+FP_SLACK = 32
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 _FP16_BYTES = 2
@@ -66,10 +69,16 @@ class QuantizedKVCache:
     rotation = None
     recent = 0
     sink = 0
-    window_keys = None   # the newest <= `recent` tokens, float16, not yet quantized
-    window_values = None
-    sink_keys = None     # the first <= `sink` tokens of the sequence, float16, never quantized
-    sink_values = None
+    # Full-precision tokens, float16 (B, Hkv, fp_capacity, D), preallocated: the sink (the
+    # first <= `sink` tokens of the sequence, never quantized) at [0, sink_length), the
+    # window (the newest <= `recent` tokens, not yet quantized) at
+    # [window_start, window_start + window_length). Tokens leaving the window free their
+    # slots; the window moves back next to the sink only when the buffer's end is reached.
+    fp_keys = None
+    fp_values = None
+    sink_length = 0
+    window_start = 0
+    window_length = 0
 
     def __init__(self, bits: int = 4, group_size: int = 64, rotation=None, step: int = 256,
                  recent: int = 0, sink: int = 0):
@@ -95,13 +104,24 @@ class QuantizedKVCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys[0].shape[2]
 
-    @property
-    def window_length(self) -> int:
-        return 0 if self.window_keys is None else self.window_keys.shape[2]
+    def _fp_slice(self, buf, start, length):
+        return None if not length else buf[:, :, start:start + length]
 
     @property
-    def sink_length(self) -> int:
-        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+    def window_keys(self):
+        return self._fp_slice(self.fp_keys, self.window_start, self.window_length)
+
+    @property
+    def window_values(self):
+        return self._fp_slice(self.fp_values, self.window_start, self.window_length)
+
+    @property
+    def sink_keys(self):
+        return self._fp_slice(self.fp_keys, 0, self.sink_length)
+
+    @property
+    def sink_values(self):
+        return self._fp_slice(self.fp_values, 0, self.sink_length)
 
     @property
     def quantized_length(self) -> int:
@@ -176,37 +196,64 @@ class QuantizedKVCache:
         """The newest ``recent`` tokens stay in full precision (attention is sharpest on
         them) and so do the first ``sink`` tokens of the sequence (attention sinks: every
         later token attends to them); the others are quantized as they leave the window."""
-        # float16 like an fp16 cache, on every backend (the CPU computes in float32, but the
-        # window should weigh what it weighs on the GPU).
-        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
-        if self.window_keys is None:
-            win_k, win_v = keys, values
-        else:
-            win_k = mx.concatenate([self.window_keys, keys], axis=2)
-            win_v = mx.concatenate([self.window_values, values], axis=2)
+        B, H, L, D = keys.shape
         cached = self.quantized_length
-        fp_k, fp_v = win_k, win_v
-        if self.sink_keys is not None:
-            # Sink tokens are older than every query, so they join the full-precision keys
-            # at the front (the order of visible keys does not matter to attention).
-            fp_k = mx.concatenate([self.sink_keys, win_k], axis=2)
-            fp_v = mx.concatenate([self.sink_values, win_v], axis=2)
-        out = window_attention(queries, fp_k, fp_v, self.keys, self.values, cached, scale,
-                               self.group_size, self.bits)
-        leaving = win_k.shape[2] - self.recent
-        if leaving > 0:
-            to_sink = min(leaving, self.sink - self.sink_length)
-            if to_sink > 0:
-                self.sink_keys, self.sink_values = (
-                    x[:, :, :to_sink] if s is None else mx.concatenate([s, x[:, :, :to_sink]], 2)
-                    for s, x in ((self.sink_keys, win_k), (self.sink_values, win_v)))
-            if leaving > to_sink:
-                self._quantize_into_buffers(win_k[:, :, to_sink:leaving],
-                                            win_v[:, :, to_sink:leaving], cached)
-            win_k, win_v = win_k[:, :, leaving:], win_v[:, :, leaving:]
-        self.window_keys, self.window_values = win_k, win_v
-        self.offset += keys.shape[2]
-        return out
+        self._make_fp_room(B, H, D, L)
+        # float16 like an fp16 cache, on every backend (the CPU computes in float32, but the
+        # window should weigh what it weighs on the GPU). In-place slice updates: no copy.
+        end = self.window_start + self.window_length
+        self.fp_keys[..., end:end + L, :] = keys.astype(mx.float16)
+        self.fp_values[..., end:end + L, :] = values.astype(mx.float16)
+        self.window_length += L
+        self.offset += L
+        out = window_attention(queries, self.window_keys, self.window_values, self.keys,
+                               self.values, cached, scale, self.group_size, self.bits,
+                               sink_keys=self.sink_keys, sink_values=self.sink_values)
+        evicted = self._evict_from_window(cached)
+        # Quantize the leaving tokens in this step's graph: left pending, their read of the
+        # fp buffer would stop the next step's slice update from working in place.
+        return mx.depends(out, evicted) if evicted else out
+
+    def _make_fp_room(self, B, H, D, L):
+        """Room for L more window tokens after the window's end. When the end of the buffer
+        is reached the sink and window are copied to a fresh buffer with the window right
+        after the sink: one copy every FP_SLACK / L steps, not one per step."""
+        if (self.fp_keys is not None
+                and self.window_start + self.window_length + L <= self.fp_keys.shape[2]):
+            return
+        kept = self.sink_length + self.window_length
+        capacity = max(self.sink + self.recent + FP_SLACK, kept + L)
+
+        def rebuilt(buf):
+            parts = [x for x in (self._fp_slice(buf, 0, self.sink_length),
+                                 self._fp_slice(buf, self.window_start, self.window_length))
+                     if x is not None]
+            parts.append(mx.zeros((B, H, capacity - kept, D), dtype=mx.float16))
+            return mx.concatenate(parts, axis=2)
+
+        self.fp_keys, self.fp_values = rebuilt(self.fp_keys), rebuilt(self.fp_values)
+        self.window_start = self.sink_length
+
+    def _evict_from_window(self, cached):
+        """Move the window's overflow (its oldest tokens) to the sink while the sink is not
+        full, else quantize it into the buffers from position ``cached``. Returns the arrays
+        written, if any."""
+        leaving = self.window_length - self.recent
+        if leaving <= 0:
+            return []
+        # While the sink is not full nothing was quantized yet, so the window starts right
+        # after the sink: its first tokens join the sink where they are.
+        to_sink = min(leaving, self.sink - self.sink_length)
+        self.sink_length += to_sink
+        first = self.window_start + to_sink
+        to_quantize = leaving - to_sink
+        if to_quantize:
+            self._quantize_into_buffers(self.fp_keys[:, :, first:first + to_quantize],
+                                        self.fp_values[:, :, first:first + to_quantize],
+                                        cached)
+        self.window_start = first + to_quantize
+        self.window_length -= leaving
+        return self.keys + self.values if to_quantize else []
 
     # --- bookkeeping -----------------------------------------------------------------
     def is_trimmable(self) -> bool:
@@ -216,16 +263,14 @@ class QuantizedKVCache:
         """Forget the last ``n`` tokens (the buffers stay allocated). Returns how many."""
         n = max(0, min(self.offset, n))
         # Newest first: the window, then the quantized tokens, then the sink.
+        quantized = self.quantized_length
         from_window = min(n, self.window_length)
-        if from_window:
-            keep = self.window_length - from_window
-            self.window_keys = self.window_keys[:, :, :keep] if keep else None
-            self.window_values = self.window_values[:, :, :keep] if keep else None
-        from_sink = max(0, n - from_window - self.quantized_length)
+        self.window_length -= from_window
+        from_sink = max(0, n - from_window - quantized)
         if from_sink:
-            keep = self.sink_length - from_sink
-            self.sink_keys = self.sink_keys[:, :, :keep] if keep else None
-            self.sink_values = self.sink_values[:, :, :keep] if keep else None
+            # Nothing is quantized any more: the window (empty) restarts after the sink.
+            self.sink_length -= from_sink
+            self.window_start = self.sink_length
         self.offset -= n
         return n
 
@@ -236,16 +281,15 @@ class QuantizedKVCache:
     def nbytes(self) -> int:
         """Bytes of the allocated buffers (capacity, not just the stored tokens)."""
         total = 0 if self.keys is None else sum(x.nbytes for x in self.keys + self.values)
-        for x in (self.window_keys, self.window_values, self.sink_keys, self.sink_values):
-            total += 0 if x is None else x.nbytes
+        if self.fp_keys is not None:
+            total += self.fp_keys.nbytes + self.fp_values.nbytes
         return total
 
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 cache of the same capacity would allocate (for ratios)."""
-        full = next((x for x in (self.window_keys, self.sink_keys) if x is not None), None)
-        if full is not None:
-            B, H, _, head_dim = full.shape
+        if self.fp_keys is not None:
+            B, H, _, head_dim = self.fp_keys.shape
         elif self.keys is not None:
             B, H, _, words = self.keys[0].shape
             head_dim = words * 32 // self.bits
@@ -281,12 +325,19 @@ class QuantizedKVCache:
         if "keys" in value:
             self.keys, self.values = list(value["keys"]), list(value["values"])
             self.offset = self.keys[0].shape[2]
-        if "window_keys" in value:
-            self.window_keys, self.window_values = value["window_keys"], value["window_values"]
-            self.offset += self.window_keys.shape[2]
-        if "sink_keys" in value:
-            self.sink_keys, self.sink_values = value["sink_keys"], value["sink_values"]
-            self.offset += self.sink_keys.shape[2]
+        sink = [value[k] for k in ("sink_keys", "sink_values") if k in value]
+        window = [value[k] for k in ("window_keys", "window_values") if k in value]
+        if sink or window:
+            # One fresh buffer per K/V: [sink | window | free slots].
+            parts = [mx.concatenate(xs, axis=2) for xs in zip(*(p for p in (sink, window) if p))]
+            self.sink_length = sink[0].shape[2] if sink else 0
+            self.window_start = self.sink_length
+            self.window_length = window[0].shape[2] if window else 0
+            B, H, _, D = parts[0].shape
+            free = mx.zeros((B, H, self.sink + self.recent + FP_SLACK, D), dtype=mx.float16)
+            self.fp_keys, self.fp_values = (mx.concatenate([p.astype(mx.float16), free], 2)
+                                            for p in parts)
+            self.offset += self.sink_length + self.window_length
 
     @property
     def meta_state(self):
@@ -312,8 +363,8 @@ class QuantizedKVCache:
         self._clear()
 
     def _clear(self):
-        self.keys = self.values = self.window_keys = self.window_values = None
-        self.sink_keys = self.sink_values = None
+        self.keys = self.values = self.fp_keys = self.fp_values = None
+        self.sink_length = self.window_start = self.window_length = 0
         self.offset = 0
 
 

@@ -113,40 +113,45 @@ def test_blockwise_reference_equals_dense_reference(case):
 
 
 # --- quantized tokens + a full-precision window of the newest ones ----------------------
-# (batch, q_tokens, head_dim, gqa, kv_heads, cached, window, bits, group_size)
+# (batch, q_tokens, head_dim, gqa, kv_heads, cached, window, bits, group_size, sink)
 WINDOW_CASES = [
-    (1, 1, 64, 3, 3, 40, 64, 4, 64),
-    (2, 3, 128, 4, 2, 600, 35, 4, 32),     # 3 blocks of quantized tokens merged with the window
-    (1, 8, 64, 8, 1, 257, 72, 8, 64),      # rows-as-heads: 64 rows split over chunks
-    (1, 5, 96, 2, 2, 33, 5, 4, 32),        # the window is exactly the queries' own tokens
+    (1, 1, 64, 3, 3, 40, 64, 4, 64, 0),
+    (1, 1, 64, 3, 3, 40, 64, 4, 64, 4),
+    (2, 3, 128, 4, 2, 600, 35, 4, 32, 3),  # 3 blocks of quantized tokens merged with the window
+    (1, 8, 64, 8, 1, 257, 72, 8, 64, 0),   # rows-as-heads: 64 rows split over chunks
+    (1, 5, 96, 2, 2, 33, 5, 4, 32, 0),     # the window is exactly the queries' own tokens
+    (1, 2, 64, 2, 2, 0, 9, 4, 64, 4),      # sink and window, nothing quantized yet
 ]
 
 
-def _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits):
+def _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits, sink):
     deq = [mx.dequantize(c[..., :cached, :], s[..., :cached, :].astype(mx.float32),
                          b[..., :cached, :].astype(mx.float32), group_size=gs, bits=bits)
-           for c, s, b in (kparts, vparts)]
-    k = mx.concatenate([deq[0], win_k], axis=2)
-    v = mx.concatenate([deq[1], win_v], axis=2)
+           for c, s, b in (kparts, vparts) if cached]
+    k = mx.concatenate([sink[0], *deq[:1], win_k], axis=2)
+    v = mx.concatenate([sink[1], *deq[1:], win_v], axis=2)
     return mx.fast.scaled_dot_product_attention(
         q, k, v, scale=scale, mask="causal" if q.shape[2] > 1 else None)
 
 
 @pytest.mark.parametrize("backend", ["emulate", "reference"])
 @pytest.mark.parametrize("case", WINDOW_CASES,
-                         ids=lambda c: "B{}-L{}-D{}-G{}-H{}-S{}-W{}-b{}-g{}".format(*c))
+                         ids=lambda c: "B{}-L{}-D{}-G{}-H{}-S{}-W{}-b{}-g{}-sink{}".format(*c))
 def test_window_attention_matches_dequantized_plus_window(case, backend):
-    B, Lq, D, G, Hkv, cached, W, bits, gs = case
-    ks = mx.random.split(mx.random.key(11), 5)
+    B, Lq, D, G, Hkv, cached, W, bits, gs, S = case
+    ks = mx.random.split(mx.random.key(11), 7)
     kparts = _random_cache(B, Hkv, cached, D, bits, gs, ks[0])
     vparts = _random_cache(B, Hkv, cached, D, bits, gs, ks[1])
-    # Window keys larger than the cached ones: a dropped or misplaced window shows.
+    # Window and sink keys larger than the cached ones: a dropped or misplaced one shows.
     win_k = 2 * mx.random.normal((B, Hkv, W, D), key=ks[2])
     win_v = mx.random.normal((B, Hkv, W, D), key=ks[3])
+    sink = (2 * mx.random.normal((B, Hkv, S, D), key=ks[5]),
+            mx.random.normal((B, Hkv, S, D), key=ks[6]) + 1)
     q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=ks[4])
     scale = 1 / math.sqrt(D)
     out = window_attention(q, win_k, win_v, kparts, vparts, cached, scale, gs, bits,
-                           backend=backend)
-    ref = _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits)
+                           backend=backend, sink_keys=sink[0] if S else None,
+                           sink_values=sink[1] if S else None)
+    ref = _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits, sink)
     assert out.shape == ref.shape
     assert _rel_err(out, ref) < 1e-4

@@ -12,7 +12,7 @@ from mlxq.errors import MlxqError
 from mlxq.kernels.blockwise_attention import (
     chunked_prefill_attention,
 )
-from mlxq.quantized_cache import QuantizedKVCache
+from mlxq.quantized_cache import FP_SLACK, QuantizedKVCache
 
 B, HQ, HKV, D = 1, 6, 2, 64
 SCALE = 1 / math.sqrt(D)
@@ -277,7 +277,10 @@ def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch,
     monkeypatch.setenv("MLXQ_KERNELS", backend)
     cache = QuantizedKVCache(bits=4, group_size=32, recent=16, sink=sink)
     seen = 0
-    for L, seed in ((10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)):
+    # Prefill chunks and decode steps; the single steps cross the fp buffer's end (the
+    # window moves back next to the sink) more than once.
+    steps = [(10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)] + [(1, s) for s in range(7, 80)]
+    for L, seed in steps:
         q, k, v = _qkv(L, seed)
         want = _step_reference(cache, q, k, v)
         out = cache.attend(q, k, v, scale=SCALE)
@@ -286,6 +289,8 @@ def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch,
         assert cache.offset == seen
         assert cache.window_length == min(16, seen)
         assert cache.sink_length == min(sink, seen - cache.window_length)
+        # The full-precision buffer stays bounded: no growth per step.
+        assert cache.fp_keys.shape[2] <= 16 + sink + max(FP_SLACK, 30)
         assert cache.quantized_length == seen - cache.window_length - cache.sink_length
 
 
@@ -321,3 +326,16 @@ def test_window_cache_save_load_and_trim(tmp_path):
     assert cache.trim(20) == 20 and (cache.offset, cache.window_length) == (18, 0)
     assert (cache.quantized_length, cache.sink_length) == (16, 2)
     assert cache.trim(17) == 17 and (cache.quantized_length, cache.sink_length) == (0, 1)
+    # One trim through the window, the quantized tokens and into the sink.
+    full = _qkv(40, 1)
+    cache = QuantizedKVCache(bits=4, recent=12, sink=2)
+    cache.attend(*full, scale=SCALE)
+    assert cache.trim(39) == 39
+    assert (cache.offset, cache.window_length, cache.quantized_length,
+            cache.sink_length) == (1, 0, 0, 1)
+    q, k, v = _qkv(3, 2)
+    exact = KVCache(dtype=mx.float32)
+    exact.attend(*(x[:, :, :1] for x in full), scale=SCALE)
+    np.testing.assert_allclose(np.asarray(cache.attend(q, k, v, scale=SCALE)),
+                               np.asarray(exact.attend(q, k, v, scale=SCALE)),
+                               atol=2e-3, rtol=1e-2)

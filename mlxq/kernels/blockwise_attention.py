@@ -78,20 +78,24 @@ class _Online:
 
 
 def chunked_prefill_attention(queries, keys, values, cache_keys, cache_values, cached,
-                              scale, group_size, bits, block=None):
+                              scale, group_size, bits, block=None, sink_keys=None,
+                              sink_values=None):
     """Causal attention of ``queries`` (B, Hq, L, D) over ``cached`` quantized tokens
     (``cache_keys``/``cache_values`` = (codes, scales, biases) whole buffers) followed by
     full-precision ``keys``/``values`` (B, Hkv, W, D), W >= L, whose last L tokens are the
-    queries' own. Returns (B, Hq, L, D)."""
-    if cached == 0:
+    queries' own, and optional full-precision sink tokens (B, Hkv, S, D) older than every
+    query. Returns (B, Hq, L, D)."""
+    if cached == 0 and sink_keys is None:
         return mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask="causal")
     B, Hq, L, D = queries.shape
     Hkv = keys.shape[1]
     block = block or key_block(B, Hq, L, Hkv, D, cached)
     acc = _Online(queries, Hkv, scale)
-    # Every cached token is visible to every query: the first block makes each row's
-    # running max finite, so fully masked rows of later blocks give exp(-inf) = 0.
+    # Every sink and cached token is visible to every query: the first block makes each
+    # row's running max finite, so fully masked rows of later blocks give exp(-inf) = 0.
+    if sink_keys is not None:
+        acc.add(*(x.astype(mx.float32)[:, :, None] for x in (sink_keys, sink_values)))
     for start in range(0, cached, block):
         stop = min(start + block, cached)
         acc.add(*acc.quantized_block(cache_keys, cache_values, start, stop, group_size, bits))

@@ -175,47 +175,63 @@ def _merge(o_part, ml_part, queries, backend):
     return out
 
 
-def _window_partial(queries, keys, values, scale):
+def _window_partial(queries, keys, values, scale, sink_keys=None, sink_values=None):
     """The partial (o, max, sum) of ``queries`` (B, Hq, L, D) over a short full-precision
-    window (B, Hkv, W, D) whose last L tokens are the queries' own, in the kernel's format
-    (log2 units): o_part (rows, 1, D), ml_part (rows, 1, 2)."""
+    window (B, Hkv, W, D) whose last L tokens are the queries' own, plus optional sink
+    tokens (B, Hkv, S, D) that every query sees, in the kernel's format (log2 units):
+    o_part (rows, 1, D), ml_part (rows, 1, 2). The sink is a separate segment rather than
+    a concatenation, so the cache's buffers are read where they are."""
     B, Hq, L, D = queries.shape
     Hkv, W = keys.shape[1], keys.shape[2]
     q = queries.astype(mx.float32).reshape(B, Hkv, Hq // Hkv, L, D) * (scale * LOG2E)
-    s = q @ keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)      # (B, Hkv, G, L, W)
+
+    def scores(k):  # (B, Hkv, G, L, n)
+        return q @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+
+    s = scores(keys)
     if L > 1:
         visible = mx.arange(W)[None, :] <= mx.arange(L)[:, None] + (W - L)
         s = mx.where(visible, s, -float("inf"))
-    m = s.max(axis=-1, keepdims=True)
-    p = mx.power(2.0, s - m)
-    o = p @ values.astype(mx.float32)[:, :, None]
+    segments = [(s, values)]
+    if sink_keys is not None:
+        segments.append((scores(sink_keys), sink_values))
+    m = segments[0][0].max(axis=-1, keepdims=True)
+    for s_, _ in segments[1:]:
+        m = mx.maximum(m, s_.max(axis=-1, keepdims=True))
+    o = total = 0
+    for s_, v in segments:
+        p = mx.power(2.0, s_ - m)
+        o = o + p @ v.astype(mx.float32)[:, :, None]
+        total = total + p.sum(axis=-1, keepdims=True)
     rows = B * Hq * L
-    ml = mx.concatenate([m, p.sum(axis=-1, keepdims=True)], axis=-1)
+    ml = mx.concatenate([m, total], axis=-1)
     return o.reshape(rows, 1, D), ml.reshape(rows, 1, 2)
 
 
 def window_attention(queries, win_keys, win_values, cache_keys, cache_values, cached, scale,
-                     group_size, bits, backend=None):
+                     group_size, bits, backend=None, sink_keys=None, sink_values=None):
     """Causal attention of ``queries`` (B, Hq, L, D) over ``cached`` quantized tokens
     followed by a full-precision window (B, Hkv, W, D), W >= L, whose last L tokens are
-    the queries' own. Decode (L <= 8) on the kernel backends: pass 1 over the quantized
+    the queries' own, and optional full-precision sink tokens (B, Hkv, S, D) older than
+    every query. Decode (L <= 8) on the kernel backends: pass 1 over the quantized
     tokens with every query row treated as its own head (all of them see every cached
-    token), the window's partial in MLX ops, and pass 2 merges both."""
+    token), the sink's and window's partial in MLX ops, and pass 2 merges both."""
     backend = backend or kernel_backend()
     L = queries.shape[2]
-    if cached == 0:
+    if cached == 0 and sink_keys is None:
         return mx.fast.scaled_dot_product_attention(
             queries, win_keys.astype(queries.dtype), win_values.astype(queries.dtype),
             scale=scale, mask="causal" if L > 1 else None)
-    if backend == "reference" or L > MAX_QUERY_TOKENS:
+    if backend == "reference" or L > MAX_QUERY_TOKENS or cached == 0:
         return chunked_prefill_attention(queries, win_keys, win_values, cache_keys,
-                                         cache_values, cached, scale, group_size, bits)
+                                         cache_values, cached, scale, group_size, bits,
+                                         sink_keys=sink_keys, sink_values=sink_values)
     B, Hq, _, D = queries.shape
     # (B, Hq, L, D) -> (B, Hq*L, 1, D): row h*L + t still maps to KV head h // G.
     rows_as_heads = queries.reshape(B, Hq * L, 1, D)
     _, o_q, ml_q = _attention_pass(rows_as_heads, cache_keys, cache_values, cached, scale,
                                    group_size, bits, backend, partials=True)
-    o_w, ml_w = _window_partial(queries, win_keys, win_values, scale)
+    o_w, ml_w = _window_partial(queries, win_keys, win_values, scale, sink_keys, sink_values)
     return _merge(mx.concatenate([o_q, o_w], axis=1), mx.concatenate([ml_q, ml_w], axis=1),
                   queries, backend)
 

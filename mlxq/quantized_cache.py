@@ -29,7 +29,7 @@ DEFAULT_GROUP_SIZE = 64
 DEFAULT_RECENT = 128
 DEFAULT_SINK = 4
 # Free float16 slots after the sink and window: the window moves back next to the sink
-# (a copy of sink + window) once per FP_SLACK new tokens instead of on every step.
+# (a copy of sink + window into a fresh buffer) once per FP_SLACK new tokens, not per step.
 FP_SLACK = 32
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
@@ -222,7 +222,9 @@ class QuantizedKVCache:
                 and self.window_start + self.window_length + L <= self.fp_keys.shape[2]):
             return
         kept = self.sink_length + self.window_length
-        capacity = max(self.sink + self.recent + FP_SLACK, kept + L)
+        # Sized by what is held, not by `recent`: a huge window (a user asking for nearly
+        # fp16) allocates as it fills.
+        capacity = kept + L + FP_SLACK
 
         def rebuilt(buf):
             parts = [x for x in (self._fp_slice(buf, 0, self.sink_length),
@@ -295,7 +297,8 @@ class QuantizedKVCache:
             head_dim = words * 32 // self.bits
         else:
             return 0
-        tokens = self.capacity + self.window_length + self.sink_length
+        fp_slots = 0 if self.fp_keys is None else self.fp_keys.shape[2]
+        tokens = self.capacity + fp_slots
         return 2 * B * H * tokens * head_dim * _FP16_BYTES
 
     # --- save / load -----------------------------------------------------------------
@@ -334,7 +337,7 @@ class QuantizedKVCache:
             self.window_start = self.sink_length
             self.window_length = window[0].shape[2] if window else 0
             B, H, _, D = parts[0].shape
-            free = mx.zeros((B, H, self.sink + self.recent + FP_SLACK, D), dtype=mx.float16)
+            free = mx.zeros((B, H, FP_SLACK, D), dtype=mx.float16)
             self.fp_keys, self.fp_values = (mx.concatenate([p.astype(mx.float16), free], 2)
                                             for p in parts)
             self.offset += self.sink_length + self.window_length

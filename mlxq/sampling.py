@@ -4,6 +4,8 @@ A sampler maps logits (B, vocab) to token ids (B,). It stays lazy (no mx.eval), 
 generation can queue the next step while the current token is being printed.
 """
 
+import math
+
 import mlx.core as mx
 
 from .errors import MlxqError
@@ -26,8 +28,10 @@ class Sampler:
     """Callable ``sampler(logits) -> tokens``; seeded samplers draw a reproducible sequence."""
 
     def __init__(self, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        if temp < 0:
-            raise MlxqError(f"temperature must be >= 0, got {temp}")
+        if not (temp >= 0 and math.isfinite(temp)):  # also rejects NaN
+            raise MlxqError(f"temperature must be a finite number >= 0, got {temp}")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+            raise MlxqError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         if not 0 < top_p <= 1:
             raise MlxqError(f"top-p must be in (0, 1], got {top_p}")
         self.temp = temp

@@ -47,7 +47,9 @@ def test_low_temperature_approaches_greedy():
     assert set(_draws(make_sampler(0.01, seed=1), logits, n=20)) == {best}
 
 
-@pytest.mark.parametrize("temp,top_p", [(-0.1, 1.0), (1.0, 0.0), (1.0, 1.5)])
-def test_bad_options_raise(temp, top_p):
+@pytest.mark.parametrize("temp,top_p,seed", [
+    (-0.1, 1.0, None), (1.0, 0.0, None), (1.0, 1.5, None), (float("nan"), 1.0, None),
+    (float("inf"), 1.0, None), (1.0, float("nan"), None), (1.0, 1.0, -5), (1.0, 1.0, 2**64)])
+def test_bad_options_raise(temp, top_p, seed):
     with pytest.raises(MlxqError):
-        make_sampler(temp, top_p)
+        make_sampler(temp, top_p, seed)

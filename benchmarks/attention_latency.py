@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mlxq` i
 import mlx.core as mx
 
 from benchmarks import common
+from mlxq.errors import cli_main
 
 # name -> (description, query heads, KV heads, head dim)
 MODELS = {
@@ -339,8 +340,10 @@ def plot(path, results, machine):
                              + common.machine_title(machine))
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    json_path, png_path = common.output_paths(args, "attention_latency")
     from mlxq.backend import compute_dtype
 
     machine = common.machine_info()
@@ -353,7 +356,6 @@ def main(argv=None) -> int:
     appends = run_append(args, dtype)
     add_append_ratios(results, appends)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     data = {
         "benchmark": "attention_latency",
         "machine": machine,
@@ -365,7 +367,6 @@ def main(argv=None) -> int:
         "attention": results,
         "append": appends,
     }
-    json_path, png_path = args.out / "attention_latency.json", args.out / "attention_latency.png"
     common.write_json(json_path, data)
     plot(png_path, results, machine)
     print(attention_table(results))

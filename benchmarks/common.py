@@ -226,6 +226,8 @@ def str_list(text: str) -> list[str]:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"),
                         help="folder for the JSON and PNG files (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite this benchmark's JSON and PNG in --out if they exist")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: small contexts, few repetitions, small shapes")
     parser.add_argument("--peak-gbps", type=float, default=None,
@@ -260,9 +262,19 @@ def _finite_or_none(obj):
     return obj
 
 
+def output_paths(args, name: str) -> tuple[Path, Path]:
+    """The JSON and PNG this benchmark writes, checked before it runs (exists without
+    --force, not writable: one clear error now rather than after minutes of timing)."""
+    from mlxq.output_files import check_output_file
+
+    return tuple(check_output_file(args.out / f"{name}.{ext}", args.force)
+                 for ext in ("json", "png"))
+
+
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
+    from mlxq.output_files import write_text_file
+
+    write_text_file(path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -313,8 +325,10 @@ def plot_panels(path: Path, panels: dict, *, xlabel: str, ylabel: str, title: st
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from mlxq.output_files import replacing
+
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from benchmarks import common
+from mlxq.errors import cli_main
 
 # Shapes from the models' config.json; "tiny" has the default model's attention shape
 # (9 query / 3 KV heads of 64) in few layers, for --quick.
@@ -310,8 +311,10 @@ def plot(path, results, machine):
                        title="decode, batch 1\n" + common.machine_title(machine))
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    json_path, png_path = common.output_paths(args, "decode_latency")
     from mlxq.backend import compute_dtype
 
     machine = common.machine_info()
@@ -321,7 +324,6 @@ def main(argv=None) -> int:
     for name in args.models:
         results += run_model(name, args, dtype)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     data = {
         "benchmark": "decode_latency",
         "machine": machine,
@@ -333,7 +335,6 @@ def main(argv=None) -> int:
                      "batch": 1},
         "results": results,
     }
-    json_path, png_path = args.out / "decode_latency.json", args.out / "decode_latency.png"
     common.write_json(json_path, data)
     plot(png_path, results, machine)
     print(table(results))

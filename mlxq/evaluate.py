@@ -25,6 +25,7 @@ from mlx import nn
 from .cache import cache_class, make_cache
 from .errors import MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
+from .output_files import check_output_file, write_text_file
 from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 
 DEFAULT_CONTEXT = 1024
@@ -299,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="dense: dequantize the model's weights once (identical values, faster "
                         "on CPU); auto: dense when Metal is unavailable (default)")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -336,6 +338,8 @@ def encode_text(tokenizer, text: str, n_tokens: int) -> list:
 def main(argv=None):
     args = _parser().parse_args(argv)
     check_settings(args.context, args.windows, args.prefill, args.step)
+    if args.json_path:
+        check_output_file(args.json_path, args.force)  # before a run of minutes, not after
     formats = _formats(args)
     if not formats:
         raise MlxqError("no quantized format to compare: give --kv-bits 8 and/or 4")
@@ -368,7 +372,7 @@ def main(argv=None):
           "attention)")
     print(format_table(report))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_file(args.json_path, json.dumps(report, indent=2) + "\n")
     return 0
 
 

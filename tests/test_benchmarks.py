@@ -126,6 +126,18 @@ def decode_run(tmp_path_factory):
     return out, stdout, json.loads((out / "decode_latency.json").read_text())
 
 
+def test_existing_outputs_are_kept_without_force(attention_run):
+    out, _, _ = attention_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "attention_latency.py"), "--quick",
+         "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "already exists" in err and "--force" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_attention_quick_outputs(attention_run):
     out, stdout, data = attention_run
     assert data["benchmark"] == "attention_latency"

@@ -154,6 +154,16 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot"]
     assert report["weights"] == "dense" or mx.metal.is_available()
+    # An existing report is kept unless --force, and the refusal comes before any work.
+    before = out.read_text()
+    assert main(["--text-file", str(text), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--force" in err and "\n" not in err
+    assert out.read_text() == before
+    assert main(["--text-file", str(text), "--context", "24", "--windows", "1",
+                 "--formats", "int4-g64", "--json", str(out), "--force", "--quiet"]) == 0
+    assert [r["format"] for r in json.loads(out.read_text())["results"]] == ["fp", "int4-g64"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "t.txt"]  # no temp left
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -161,6 +171,7 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     (["--kv-bits", "16"], "no quantized format"),
     (["--text-file", "/nonexistent/x.txt"], "does not exist"),
     (["--context", "2", "--prefill", "1"], "--context"),
+    (["--json", "/"], "is a folder"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

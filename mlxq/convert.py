@@ -24,10 +24,12 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 def _validate_options(q_bits, q_group_size, dtype):
     if q_bits not in SUPPORTED_BITS:
-        raise MlxqError(f"--q-bits {q_bits} is not supported; choose one of {SUPPORTED_BITS}")
+        raise MlxqError(f"--q-bits {q_bits} is not supported; choose one of "
+                        f"{', '.join(map(str, SUPPORTED_BITS))}")
     if q_group_size not in SUPPORTED_GROUP_SIZES:
         raise MlxqError(
-            f"--q-group-size {q_group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+            f"--q-group-size {q_group_size} is not supported; choose one of "
+            f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
         )
     if dtype not in DTYPES:
         raise MlxqError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
@@ -170,9 +172,7 @@ def convert(
     Returns the output folder. Raises MlxqError for bad input, before any work.
     """
     _validate_options(q_bits, q_group_size, dtype)
-    out = Path(str(mlx_path)).expanduser()
-    if out.exists() and not force:
-        raise MlxqError(f"{out} already exists; pass --force to replace it")
+    out = _check_output_folder(mlx_path, hf_path, force)
 
     import mlx.core as mx
 
@@ -207,6 +207,31 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _check_output_folder(mlx_path, hf_path, force: bool) -> Path:
+    """The output folder, or one clear error before any work: an empty path, a folder that
+    exists (without --force), something --force must not delete (a file, or a folder that
+    is neither empty nor a model folder), the source itself, or an uncreatable location."""
+    if not str(mlx_path).strip():
+        raise MlxqError("--mlx-path is empty; give the folder to write")
+    out = Path(str(mlx_path)).expanduser()
+    if out.exists():
+        if not force:
+            raise MlxqError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file()):
+            raise MlxqError(f"refusing to replace {out}: --force only replaces an empty "
+                            "folder or a model folder (with config.json); remove it yourself")
+        if Path(str(hf_path)).expanduser().resolve() == out.resolve():
+            raise MlxqError(f"--mlx-path {out} is the source itself; choose another folder")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MlxqError(f"cannot create {out}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise MlxqError(f"cannot create {out}: {folder} is not writable")
     return out
 
 

@@ -71,13 +71,22 @@ def cases(tmp_path_factory):
         "group does not divide": ([str(good), "--q-group-size", "64"], "model.embed_tokens"),
         "bad dtype": ([str(good), "--dtype", "int8"], "dtype"),
         "existing output": ([str(good), "--mlx-path", str(existing)], "already exists"),
+        # --force deletes only what is clearly a model folder (or empty).
+        "force on a non-model folder": ([str(good), "--mlx-path", str(existing), "--force"],
+                                        "refusing to replace"),
+        "force onto the source": ([str(good), "--mlx-path", str(good), "--force"],
+                                  "the source itself"),
+        "output under a file": ([str(good), "--mlx-path", str(not_gguf / "out")],
+                                "is not a folder"),
+        "empty output path": ([str(good), "--mlx-path", ""], "--mlx-path is empty"),
     }
 
 
 CASE_NAMES = [
     "missing path", "no config.json", "bad config.json", "unsupported model_type",
     "truncated safetensors", "missing weights", "truncated gguf", "not a gguf", "bad q-bits",
-    "group does not divide", "bad dtype", "existing output",
+    "group does not divide", "bad dtype", "existing output", "force on a non-model folder",
+    "force onto the source", "output under a file", "empty output path",
 ]
 
 
@@ -98,7 +107,7 @@ def test_bad_input(cases, name, tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert list(work.iterdir()) == []  # no output, no temporary folder
     assert sorted(p.name for p in root.iterdir()) == before
-    if name == "existing output":
+    if name in ("existing output", "force on a non-model folder"):
         assert [p.name for p in (root / "existing").iterdir()] == ["keep.txt"]
 
 

@@ -65,7 +65,7 @@ def parse_format(name: str, seed: int = 0) -> KVFormat:
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
         raise MlxqError(f"bad KV format {name!r}: use "
-                        "int<bits>-g<group>[-rot][-w<recent>][-s<sink>], e.g. int4-g64-rot-w128-s4")
+                        "int<bits>-g<group>[-rot][-w<recent>][-s<sink>], e.g. int4-g64-rot-w256-s4")
     bits, group = int(m[1]), int(m[2])
     cache_class(bits, group)  # the cache's own message for unsupported values
     return KVFormat(bits, group, m[3] is not None, seed, int(m[4] or 0), int(m[5] or 0))

@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantized KV group size (default: 64, see docs/quality.md)")
     p.add_argument("--kv-recent", type=int, default=None, metavar="N",
                    help="newest tokens kept in full precision by a quantized KV cache "
-                        "(default: 128)")
+                        "(default: 256)")
     p.add_argument("--kv-sink", type=int, default=None, metavar="N",
                    help="first tokens of the sequence kept in full precision by a quantized "
                         "KV cache (default: 4)")

@@ -26,7 +26,7 @@ from .kernels.kv_write import quantize_kv
 SUPPORTED_BITS = (4, 8)
 # Chosen by measurement (docs/quality.md): make_cache's defaults for quantized caches.
 DEFAULT_GROUP_SIZE = 64
-DEFAULT_RECENT = 128
+DEFAULT_RECENT = 256
 DEFAULT_SINK = 4
 # Free float16 slots after the sink and window: the window moves back next to the sink
 # (a copy of sink + window into a fresh buffer) once per FP_SLACK new tokens, not per step.

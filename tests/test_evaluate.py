@@ -117,11 +117,11 @@ def test_bad_settings_are_user_errors(args):
 
 @pytest.mark.slow
 def test_end_to_end_int8_and_int4_quality_on_the_default_model(dense_model):
-    """2 windows x 320 tokens through the real quantized caches, with make_cache's defaults
-    (group 64, rotation, 128 recent and 4 first tokens in full precision). Bounds are an order of
+    """2 windows x 512 tokens through the real quantized caches, with make_cache's defaults
+    (group 64, rotation, 256 recent and 4 first tokens in full precision). Bounds are an order of
     magnitude looser than the full-size targets (docs/quality.md): short windows are noisy."""
     model, tokenizer = dense_model
-    context, windows = 320, 2
+    context, windows = 512, 2  # about half of each window attends to quantized tokens
     tokens = encode_text(tokenizer, _text(), context * windows)
     defaults = dict(rotation=True, recent=DEFAULT_RECENT, sink=DEFAULT_SINK)
     int8 = KVFormat(8, DEFAULT_GROUP_SIZE, **defaults)
@@ -130,8 +130,8 @@ def test_end_to_end_int8_and_int4_quality_on_the_default_model(dense_model):
                       windows=windows)
     assert report["decode_tokens_scored"] == windows * (context - 1)
     fp, r8, r4 = report["results"]
-    assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot-w128-s4",
-                                                        "int4-g64-rot-w128-s4"]
+    suffix = f"g64-rot-w{DEFAULT_RECENT}-s{DEFAULT_SINK}"
+    assert [r["format"] for r in report["results"]] == ["fp", f"int8-{suffix}", f"int4-{suffix}"]
     assert 1 < fp["ppl"] < 200
     assert abs(r8["rel_ppl_change"]) < 0.01
     assert r8["kl_mean"] < 0.005 and r8["top1_agreement"] >= 0.97

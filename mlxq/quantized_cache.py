@@ -210,6 +210,10 @@ class QuantizedKVCache:
                                self.values, cached, scale, self.group_size, self.bits,
                                sink_keys=self.sink_keys, sink_values=self.sink_values)
         evicted = self._evict_from_window(cached)
+        held = self.sink_length + self.window_length
+        if self.fp_keys.shape[2] > held + 2 * FP_SLACK + MAX_QUERY_TOKENS:
+            # A prefill chunk needed room for its L tokens; most are quantized now.
+            self._rebuild_fp(B, H, D, held + FP_SLACK)
         # Quantize the leaving tokens in this step's graph: left pending, their read of the
         # fp buffer would stop the next step's slice update from working in place.
         return mx.depends(out, evicted) if evicted else out
@@ -221,10 +225,13 @@ class QuantizedKVCache:
         if (self.fp_keys is not None
                 and self.window_start + self.window_length + L <= self.fp_keys.shape[2]):
             return
-        kept = self.sink_length + self.window_length
         # Sized by what is held, not by `recent`: a huge window (a user asking for nearly
         # fp16) allocates as it fills.
-        capacity = kept + L + FP_SLACK
+        self._rebuild_fp(B, H, D, self.sink_length + self.window_length + L + FP_SLACK)
+
+    def _rebuild_fp(self, B, H, D, capacity):
+        """A fresh float16 buffer of ``capacity`` slots: sink, window, then free slots."""
+        kept = self.sink_length + self.window_length
 
         def rebuilt(buf):
             parts = [x for x in (self._fp_slice(buf, 0, self.sink_length),

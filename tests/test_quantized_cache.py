@@ -289,8 +289,9 @@ def test_window_cache_attends_quantized_old_and_exact_recent_tokens(monkeypatch,
         assert cache.offset == seen
         assert cache.window_length == min(16, seen)
         assert cache.sink_length == min(sink, seen - cache.window_length)
-        # The full-precision buffer stays bounded: no growth per step.
-        assert cache.fp_keys.shape[2] <= 16 + sink + 30 + FP_SLACK
+        # The full-precision buffer stays bounded: no growth per step, and a prefill
+        # chunk's room is given back once its tokens are quantized.
+        assert cache.fp_keys.shape[2] <= 16 + sink + 2 * FP_SLACK + 8
         assert cache.quantized_length == seen - cache.window_length - cache.sink_length
 
 
@@ -339,3 +340,16 @@ def test_window_cache_save_load_and_trim(tmp_path):
     np.testing.assert_allclose(np.asarray(cache.attend(q, k, v, scale=SCALE)),
                                np.asarray(exact.attend(q, k, v, scale=SCALE)),
                                atol=2e-3, rtol=1e-2)
+
+
+def test_prefill_chunk_room_is_given_back_and_attention_stays_exact():
+    cache = QuantizedKVCache(bits=4, group_size=32, recent=16, sink=2)
+    cache.attend(*_qkv(200, 1), scale=SCALE)
+    # 200 slots were needed for the chunk; after quantizing, only sink + window + slack.
+    assert cache.fp_keys.shape[2] == 2 + 16 + FP_SLACK
+    assert cache.nbytes < 200 * 2 * HKV * D * 2  # far below the chunk's float16 size
+    for seed in range(2, 6):
+        q, k, v = _qkv(3, seed)
+        want = _step_reference(cache, q, k, v)
+        out = cache.attend(q, k, v, scale=SCALE)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=3e-5, rtol=1e-4)

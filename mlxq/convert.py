@@ -225,13 +225,9 @@ def _check_output_folder(mlx_path, hf_path, force: bool) -> Path:
                             "folder or a model folder (with config.json); remove it yourself")
         if Path(str(hf_path)).expanduser().resolve() == out.resolve():
             raise MlxqError(f"--mlx-path {out} is the source itself; choose another folder")
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise MlxqError(f"cannot create {out}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK):
-        raise MlxqError(f"cannot create {out}: {folder} is not writable")
+    from .output_files import check_creatable
+
+    check_creatable(out)
     return out
 
 

@@ -20,15 +20,20 @@ def check_output_file(path, force: bool) -> Path:
         raise MlxqError(f"{path} is a folder; give a file path")
     if path.exists() and not force:
         raise MlxqError(f"{path} already exists; use --force to overwrite it")
-    # The nearest existing folder must be writable (missing ones are created on write).
-    folder = path.parent
+    check_creatable(path)
+    return path
+
+
+def check_creatable(path: Path) -> None:
+    """The nearest existing folder above ``path`` must be a writable folder (missing ones
+    are created on write); else one clear MlxqError."""
+    folder = path.absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
         raise MlxqError(f"cannot write {path}: {folder} is not a folder")
     if not os.access(folder, os.W_OK):
         raise MlxqError(f"cannot write {path}: {folder} is not writable")
-    return path
 
 
 @contextlib.contextmanager

@@ -297,14 +297,14 @@ class QuantizedKVCache:
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 cache of the same capacity would allocate (for ratios)."""
+        fp_slots = 0
         if self.fp_keys is not None:
-            B, H, _, head_dim = self.fp_keys.shape
+            B, H, fp_slots, head_dim = self.fp_keys.shape
         elif self.keys is not None:
             B, H, _, words = self.keys[0].shape
             head_dim = words * 32 // self.bits
         else:
             return 0
-        fp_slots = 0 if self.fp_keys is None else self.fp_keys.shape[2]
         tokens = self.capacity + fp_slots
         return 2 * B * H * tokens * head_dim * _FP16_BYTES
 
@@ -338,16 +338,15 @@ class QuantizedKVCache:
         sink = [value[k] for k in ("sink_keys", "sink_values") if k in value]
         window = [value[k] for k in ("window_keys", "window_values") if k in value]
         if sink or window:
-            # One fresh buffer per K/V: [sink | window | free slots].
-            parts = [mx.concatenate(xs, axis=2) for xs in zip(*(p for p in (sink, window) if p))]
             self.sink_length = sink[0].shape[2] if sink else 0
             self.window_start = self.sink_length
             self.window_length = window[0].shape[2] if window else 0
-            B, H, _, D = parts[0].shape
-            free = mx.zeros((B, H, FP_SLACK, D), dtype=mx.float16)
-            self.fp_keys, self.fp_values = (mx.concatenate([p.astype(mx.float16), free], 2)
-                                            for p in parts)
-            self.offset += self.sink_length + self.window_length
+            self.fp_keys, self.fp_values = (mx.concatenate(xs, axis=2).astype(mx.float16)
+                                            for xs in zip(*(p for p in (sink, window) if p)))
+            held = self.sink_length + self.window_length
+            B, H, _, D = self.fp_keys.shape
+            self._rebuild_fp(B, H, D, held + FP_SLACK)  # the usual layout, with free slots
+            self.offset += held
 
     @property
     def meta_state(self):

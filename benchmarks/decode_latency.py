@@ -165,8 +165,8 @@ def cache_paths(args, dtype):
 
 def cache_arrays(caches):
     """Every array a list of caches holds (mlxq's or mlx-lm's), to evaluate them."""
-    held = [[c.keys, c.values] + [getattr(c, name, None) for name in (
-        "fp_keys", "fp_values")] for c in caches]
+    held = [[getattr(c, name, None) for name in ("keys", "values", "store", "fp")]
+            for c in caches]
     return [a for _, a in tree_flatten(held) if isinstance(a, mx.array)]
 
 

@@ -41,6 +41,9 @@ CASES = [
     (2, 1, 96, 3, 1, 4, 32, 4, 16, [(129, 16), (70, 9)], False),  # head_dim 96, trimmed window
     (1, 6, 64, 2, 4, 8, 32, 3, 5, [(40, 5)], False),           # window shorter than LQ
     (1, 7, 128, 1, 2, 8, 128, 4, 16, [(513, 16)], True),       # GQA 1
+    (1, 1, 128, 4, 8, 4, 64, 0, 0, [(4096, 0)], True),         # Llama-3-8B heads: 32 whole
+    (1, 1, 128, 4, 8, 4, 64, 0, 0, [(4097, 0)], True),         # blocks, then one more key
+    (1, 1, 64, 3, 3, 4, 64, 4, 256, [(1024, 256)], True),      # the default model at 1K
 ]
 
 
@@ -96,6 +99,16 @@ def test_kernel_matches_oracle(case):
     assert out.shape == ref.shape and out.dtype == mx.float32
     assert np.isfinite(np.asarray(out)).all()
     assert _rel_err(out, ref) < 2e-4
+
+
+def test_cases_cover_every_lanes_per_key_and_block_edges():
+    plans = []
+    for B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, _ in CASES:
+        rows = max(max(0, n - sink - w) for n, w in lens)
+        plans.append((rows, plan_decode(B, Hkv, G, Lq, D, bits, rows, sink + recent)))
+    assert {p.lanes_per_key for _, p in plans} == {1, 2, 4, 8}
+    remainders = {rows % p.block for rows, p in plans if rows > p.block}
+    assert 0 in remainders and 1 in remainders
 
 
 def test_half_queries_give_half_output():

@@ -197,13 +197,14 @@ def _mb(x):
 
 def table(results) -> str:
     headers = ["model", "context", "KV cache", "dispatch/layer", "vs fp16", "prims/layer",
-               "kernels", "simdgroups", "read MB/layer", "write MB/layer", "d read fp16",
+               "kernels", "simdgroups", "read MB/layer", "+ weights MB", "write MB/layer",
+               "d read vs fp16",
                "copies/layer whole/at-risk/slice"]
     rows = []
     for r in results:
         head = [r["model"], str(r["context"]), r["label"]]
         if r["status"] != "ok":
-            rows.append(head + [r["reason"]] + [""] * 8)
+            rows.append(head + [r["reason"]] + [""] * 9)
             continue
         d = r["dispatches"]
         delta = "" if r["delta_dispatches"] is None else f"{r['delta_dispatches']:+d}"
@@ -211,7 +212,8 @@ def table(results) -> str:
         rows.append(head + [
             str(d), delta, str(r["primitives"]), str(len(launches)),
             ",".join(str(k["simdgroups"]) for k in launches),
-            _mb(r["bytes_read"]), _mb(r["bytes_written"]),
+            _mb(r["bytes_read"] - r["bytes_read_weights"]), _mb(r["bytes_read_weights"]),
+            _mb(r["bytes_written"]),
             "" if r["delta_bytes_read"] is None else f"{r['delta_bytes_read'] / 1e6:+.3f}",
             "/".join(str(r["copies"][k]) for k in ("whole", "at_risk", "slice"))])
     return common.format_table(headers, rows)

@@ -226,6 +226,7 @@ class Prim:
     read: int = 0
     written: int = 0
     implicit_copies: int = 0   # copies MLX makes when it runs this (non-contiguous inputs)
+    read_weights: int = 0      # the part of `read` that is model weights
 
 
 @dataclass
@@ -367,6 +368,7 @@ def analyse(graph: StepGraph) -> None:
     view_of = {}              # array name -> cache keyword, for views of a buffer
     base_bytes = {}
     contiguous = {}           # array name -> row-contiguous (trace inputs: yes)
+    weights = {n for n, kw in graph.input_names.items() if kw.startswith(PARAM_PREFIX + ".")}
     graph.copies = []
     for p in graph.prims:
         ins = p.inputs
@@ -405,6 +407,8 @@ def analyse(graph: StepGraph) -> None:
             if is_kernel(p) and name in whole:
                 size = int(size * graph.buffer_fraction.get(whole[name], 1.0))
             p.read += size
+            if name in weights:
+                p.read_weights += size
         p.written += sum(_nbytes(s, d) for _, s, d in p.outputs)
 
     for i, p in enumerate(graph.prims):
@@ -440,6 +444,7 @@ def layer_summary(graph: StepGraph, layer: int) -> dict:
         "by_kind": dict(sorted(kinds.items())),
         "kernels": [launch(p) for p in prims if is_kernel(p)],
         "bytes_read": sum(p.read for p in prims),
+        "bytes_read_weights": sum(p.read_weights for p in prims),
         "bytes_written": sum(p.written for p in prims),
         "copies": {k: sum(1 for c in copies if c["kind"] == k) for k in ("whole", "at_risk",
                                                                            "slice")},

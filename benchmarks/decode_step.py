@@ -111,11 +111,12 @@ def make_caches(model, options: dict):
     return make_cache(model, **options)
 
 
-def prefill(model, caches, tokens: int, dtype=mx.float16) -> None:
+def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False) -> None:
     """Bring every cache to ``tokens`` stored tokens without running the model: each layer
     attends one query over chunks of random keys/values (the cache's own append path), on
-    the reference backend, lazily. Only the caches' bookkeeping and array shapes matter to
-    the graph of the next step, so nothing here is evaluated."""
+    the reference backend. Only the caches' bookkeeping and array shapes matter to the
+    graph of the next step, so for tracing nothing is evaluated; ``evaluate`` computes the
+    cache contents chunk by chunk (for timing real steps)."""
     a = model.args
     d = model.head_dim
     q = mx.zeros((1, a.num_attention_heads, 1, d), dtype=dtype)
@@ -128,6 +129,8 @@ def prefill(model, caches, tokens: int, dtype=mx.float16) -> None:
                 k = mx.random.normal(shape).astype(dtype)
                 v = mx.random.normal(shape).astype(dtype)
                 c.attend(q, k, v, scale=d ** -0.5)
+                if evaluate:
+                    mx.eval(list(step_graph.held_arrays(c).values()))
                 done += n
 
 
@@ -151,27 +154,37 @@ def traced_step(name: str, context: int, options: dict, layers: int) -> dict:
 
 
 def time_steps(name: str, context: int, options: dict, steps: int) -> dict:
-    """Metal only (UNMEASURED: nothing here has run on a Mac): median ms of a real decode
-    step at ``context`` tokens, the real model's layers, generate's pipelined loop."""
-    from mlxq.backend import metal_available
+    """UNMEASURED: nothing here has run on a Mac. With Metal: the median interval between
+    decode steps at ``context`` tokens, all the model's layers, random 4-bit weights,
+    pipelined as mlxq.generate does (the next step queued before the token is read)."""
+    import time
+
+    from benchmarks.decode_latency import random_model
+    from mlxq.backend import compute_dtype, metal_available
 
     if not metal_available():
         return common.not_available(common.NA_NEEDS_METAL)
-    model = lazy_model(MODELS[name])
-    mx.eval(model.parameters())
+    config = dict(MODELS[name])
+    config.pop("weight_group_size")
+    model = random_model(config, 4, compute_dtype(), seed=0)  # evaluated layer by layer
     caches = make_caches(model, options)
-    prefill(model, caches, context - 1)  # the reference backend, here evaluated
-    mx.eval([list(step_graph.held_arrays(c).values()) for c in caches])
-    import time
+    prefill(model, caches, context - 1, evaluate=True)
 
-    y = mx.array([0])
+    def step(y):
+        return mx.argmax(model(y[None], cache=caches)[:, -1, :], axis=-1)
+
+    warmup = 2
+    y = step(mx.array([0]))
+    mx.async_eval(y)
     marks = []
-    for _ in range(steps + 2):
-        y = mx.argmax(model(y[None], cache=caches)[:, -1, :], axis=-1)
-        mx.async_eval(y)
+    for _ in range(warmup + steps + 1):
+        nxt = step(y)
+        mx.async_eval(nxt)
         y.item()
         marks.append(time.perf_counter())
-    stats = common.summarize([b - a for a, b in zip(marks[1:], marks[2:])])
+        y = nxt
+    y.item()
+    stats = common.summarize([b - a for a, b in zip(marks, marks[1:])][warmup:])
     return {"status": "ok", "ms_median": stats["median"], "ms_p10": stats["p10"],
             "ms_p90": stats["p90"], "steps": stats["n"]}
 
@@ -199,12 +212,13 @@ def table(results) -> str:
     headers = ["model", "context", "KV cache", "dispatch/layer", "vs fp16", "prims/layer",
                "kernels", "simdgroups", "read MB/layer", "+ weights MB", "write MB/layer",
                "d read vs fp16",
-               "copies/layer whole/at-risk/slice"]
+               "copies/layer whole/at-risk/slice",
+               "ms/step (Metal)"]
     rows = []
     for r in results:
         head = [r["model"], str(r["context"]), r["label"]]
         if r["status"] != "ok":
-            rows.append(head + [r["reason"]] + [""] * 9)
+            rows.append(head + [r["reason"]] + [""] * 10)
             continue
         d = r["dispatches"]
         delta = "" if r["delta_dispatches"] is None else f"{r['delta_dispatches']:+d}"
@@ -215,7 +229,8 @@ def table(results) -> str:
             _mb(r["bytes_read"] - r["bytes_read_weights"]), _mb(r["bytes_read_weights"]),
             _mb(r["bytes_written"]),
             "" if r["delta_bytes_read"] is None else f"{r['delta_bytes_read'] / 1e6:+.3f}",
-            "/".join(str(r["copies"][k]) for k in ("whole", "at_risk", "slice"))])
+            "/".join(str(r["copies"][k]) for k in ("whole", "at_risk", "slice")),
+            common.fmt(r["timing"].get("ms_median"), ".2f") or r["timing"].get("reason", "")])
     return common.format_table(headers, rows)
 
 

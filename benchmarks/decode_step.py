@@ -90,13 +90,18 @@ def parse_args(argv=None):
 
 
 # --- models and caches ------------------------------------------------------------------------
+def split_config(config: dict):
+    """(model config, weight group size): MODELS entries carry the group size too."""
+    config = dict(config)
+    return config, config.pop("weight_group_size")
+
+
 def lazy_model(config: dict, layers: int | None = None, dtype=mx.float16):
     """A model of ``config``'s shape with random 4-bit weights, never evaluated: tracing
     needs only shapes, so even Llama-3-8B's weights cost nothing."""
     from mlxq.models import build_model
 
-    config = dict(config)
-    group = config.pop("weight_group_size")
+    config, group = split_config(config)
     if layers is not None:
         config["num_hidden_layers"] = layers
     model = build_model(config)
@@ -113,25 +118,41 @@ def make_caches(model, options: dict):
 
 def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False) -> None:
     """Bring every cache to ``tokens`` stored tokens without running the model: each layer
-    attends one query over chunks of random keys/values (the cache's own append path), on
-    the reference backend. Only the caches' bookkeeping and array shapes matter to the
-    graph of the next step, so for tracing nothing is evaluated; ``evaluate`` computes the
-    cache contents chunk by chunk (for timing real steps)."""
+    attends one query over chunks of random keys/values (the cache's own append path, on
+    the current backend). Only the caches' bookkeeping and array shapes matter to the graph
+    of the next step, so by default this runs inside a throwaway ``mx.export_function``
+    trace: nothing is computed, and Metal kernels record without Metal (a cache that picks
+    its backend when made can be made under ``tracing_metal()``). ``evaluate`` computes
+    the contents chunk by chunk instead (for timing real steps)."""
     a = model.args
     d = model.head_dim
     q = mx.zeros((1, a.num_attention_heads, 1, d), dtype=dtype)
-    with common.kernel_backend_env("reference"):
+
+    def fill():
+        chunk = 0
         for c in caches:
             done = 0
             while done < tokens:
                 n = min(PREFILL_CHUNK, tokens - done)
                 shape = (1, model.n_kv_heads, n, d)
-                k = mx.random.normal(shape).astype(dtype)
-                v = mx.random.normal(shape).astype(dtype)
+                # Explicit keys: the global random state must not pick up traced arrays.
+                k, v = (mx.random.normal(shape, key=mx.random.key(2 * chunk + i)).astype(dtype)
+                        for i in range(2))
                 c.attend(q, k, v, scale=d ** -0.5)
                 if evaluate:
                     mx.eval(list(step_graph.held_arrays(c).values()))
                 done += n
+                chunk += 1
+
+    if evaluate:
+        fill()
+        return
+
+    def traced(x):
+        fill()
+        return [x]
+
+    mx.export_function(lambda _: None, traced, mx.zeros((1,)))
 
 
 # --- one row: trace a step ---------------------------------------------------------------------
@@ -140,9 +161,9 @@ def traced_step(name: str, context: int, options: dict, layers: int) -> dict:
     from mlxq.backend import tracing_metal
 
     model = lazy_model(MODELS[name], layers)
-    caches = make_caches(model, options)
-    prefill(model, caches, context - 1)
     with tracing_metal():
+        caches = make_caches(model, options)
+        prefill(model, caches, context - 1)
         graph = step_graph.decode_step_graph(model, caches)
     summary = step_graph.per_layer(graph, layers)
     if options.get("kv_bits", 16) < 16 and not summary["kernels"]:
@@ -164,9 +185,7 @@ def time_steps(name: str, context: int, options: dict, steps: int) -> dict:
 
     if not metal_available():
         return common.not_available(common.NA_NEEDS_METAL)
-    config = dict(MODELS[name])
-    config.pop("weight_group_size")
-    model = random_model(config, 4, compute_dtype(), seed=0)  # evaluated layer by layer
+    model = random_model(split_config(MODELS[name])[0], 4, compute_dtype(), seed=0)  # evaluated layer by layer
     caches = make_caches(model, options)
     prefill(model, caches, context - 1, evaluate=True)
 
@@ -194,9 +213,7 @@ def cpu_check(options: dict) -> dict:
     buffers get a new address while keeping their shape (= copied)."""
     from benchmarks.decode_latency import random_model
 
-    config = dict(CPU_CHECK_MODEL)
-    config.pop("weight_group_size")
-    model = random_model(config, 4, mx.float32, seed=0)
+    model = random_model(split_config(CPU_CHECK_MODEL)[0], 4, mx.float32, seed=0)
     opts = {k: v for k, v in options.items() if k != "dtype"}
     with common.kernel_backend_env("reference"):
         caches = make_caches(model, opts)
@@ -218,7 +235,7 @@ def table(results) -> str:
     for r in results:
         head = [r["model"], str(r["context"]), r["label"]]
         if r["status"] != "ok":
-            rows.append(head + [r["reason"]] + [""] * 10)
+            rows.append(head + [r["reason"]] + [""] * (len(headers) - 4))
             continue
         d = r["dispatches"]
         delta = "" if r["delta_dispatches"] is None else f"{r['delta_dispatches']:+d}"

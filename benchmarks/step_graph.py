@@ -27,7 +27,7 @@ Device-bytes model (per primitive; a figure for comparing paths, not a profiler)
   kernels take the valid length): the buffer's bytes x stored / capacity, where the
   stored count per buffer comes from the cache's ``state`` after the step (the arrays a
   saved cache holds: the stored tokens only), matched to buffers by dtype and the other
-  axes;
+  axes (a buffer no state array fits is counted whole);
 - every other primitive reads its inputs and writes its outputs once.
 
 Copies of cache buffers found in the graph:
@@ -209,7 +209,7 @@ def stored_fractions(cache, buffers: dict) -> dict:
         if tokens is None or not buf.size:
             fractions[path] = 1.0
         elif axis is None:
-            fractions[path] = 0.0
+            fractions[path] = 1.0  # no state array fits it: counted whole, never less
         else:
             fractions[path] = min(1.0, tokens / twins / buf.shape[axis])
     return fractions

@@ -41,9 +41,9 @@ def steps():
     out = {}
     for key, options in CONFIGS.items():
         model = decode_step.lazy_model(decode_step.MODELS["default"], LAYERS)
-        caches = decode_step.make_caches(model, options)
-        decode_step.prefill(model, caches, CONTEXT - 1)
         with tracing_metal():
+            caches = decode_step.make_caches(model, options)
+            decode_step.prefill(model, caches, CONTEXT - 1)
             graph = step_graph.decode_step_graph(model, caches)
         out[key] = step_graph.per_layer(graph, LAYERS)
     return out
@@ -140,9 +140,8 @@ def test_cpu_check_sees_a_copied_buffer():
                 self.previous = self.keys[:, :, :1]  # shares the buffer: no in-place update
             return super().attend(queries, keys, values, scale)
 
-    config = dict(decode_step.CPU_CHECK_MODEL)
-    config.pop("weight_group_size")
-    model = random_model(config, 4, mx.float32, seed=0)
+    model = random_model(decode_step.split_config(decode_step.CPU_CHECK_MODEL)[0], 4,
+                         mx.float32, seed=0)
     caches = [HoldingCache() for _ in model.layers]
     result = step_graph.cpu_copy_check(model, caches, prompt_len=40, steps=3)
     assert result["copied"].get("0.keys") == 3

@@ -40,6 +40,8 @@ MODELS = {
                        tie_word_embeddings=False, weight_group_size=64),
 }
 CONTEXTS = [4096, 32768]
+# Below this the default window (256) and sink (4) are not full: not a steady decode step.
+MIN_CONTEXT = 300
 QUICK_CONTEXTS = [512, 1024]
 PREFILL_CHUNK = 4096
 # The caches compared: (key, label, make_cache options). fp16 first: the others' deltas.
@@ -82,6 +84,9 @@ def parse_args(argv=None):
         if name not in MODELS:
             p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     args.contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)))
+    if min(args.contexts) < MIN_CONTEXT:
+        p.error(f"--contexts must be at least {MIN_CONTEXT} tokens (the default full-precision "
+                "window and sink full, some tokens quantized)")
     if args.layers < 3:
         p.error("--layers must be at least 3 (per-layer figures come from a middle layer)")
     if args.time_steps < 1:

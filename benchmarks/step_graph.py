@@ -1,6 +1,6 @@
 """The lazily built graph of one decode step, traced without running it, and what it costs.
 
-``trace_decode_step`` builds one decode step (batch 1, one query token) of a model over
+``decode_step_graph`` builds one decode step (batch 1, one query token) of a model over
 given caches inside ``mx.export_function`` with a callback: MLX hands back every primitive
 of the step with its inputs' and outputs' shapes and dtypes and its arguments (a
 CustomKernel's name, grid and threadgroup among them). Nothing is evaluated, so the cache
@@ -28,11 +28,15 @@ Device-bytes model (per primitive; a figure for comparing paths, not a profiler)
   stored count per buffer comes from the cache's ``state`` after the step (the arrays a
   saved cache holds: the stored tokens only), matched to buffers by dtype and the other
   axes (a buffer no state array fits is counted whole);
-- every other primitive reads its inputs and writes its outputs once.
+- every other primitive reads its inputs and writes its outputs once;
+- copies MLX makes when it runs a primitive, outside the graph, are added to it (and
+  counted as "Copy (implicit)" dispatches): a kernel built with ensure_row_contiguous
+  copies each strided input first; a reshape copies a non-contiguous input.
 
 Copies of cache buffers found in the graph:
 - ``whole``: a Copy/Concatenate/AsType/... (COPY_KINDS) of a whole cache buffer;
-- ``slice``: the same of part of one (e.g. one token made contiguous);
+- ``slice``: the same of part of one (e.g. one token made contiguous, the window
+  converted to float32), implicit copies included;
 - ``at_risk``: a SliceUpdate into a cache buffer that something else in the same step
   also reads. MLX updates in place only when nothing else holds the buffer; on Metal the
   command buffer holds every input until the GPU is done, so assume a full copy.
@@ -88,13 +92,14 @@ def metal_fast_ops():
     fast = mx.fast
     originals = {name: getattr(fast, name) for name in
                  ("scaled_dot_product_attention", "rms_norm", "rope", "layer_norm")}
+    make_kernel = fast.metal_kernel
     kernels = {}
 
     def stand_in(kind, inputs, shape, dtype):
         names = tuple(f"in{i}" for i in range(len(inputs)))
         key = (kind, names)
         if key not in kernels:
-            kernels[key] = originals_metal_kernel(
+            kernels[key] = make_kernel(
                 name=STAND_IN_PREFIX + kind, input_names=list(names), output_names=["out"],
                 source="// stand-in for MLX's fused primitive: traced, never run\n")
         (out,) = kernels[key](inputs=list(inputs), grid=(1, 1, 1), threadgroup=(1, 1, 1),
@@ -121,7 +126,6 @@ def metal_fast_ops():
         extra = [a for a in (offset, freqs) if isinstance(a, mx.array)]
         return stand_in("RoPE", [x, *extra], x.shape, x.dtype)
 
-    originals_metal_kernel = fast.metal_kernel
     replacements = {"scaled_dot_product_attention": sdpa, "rms_norm": rms_norm,
                     "rope": rope, "layer_norm": layer_norm}
     try:

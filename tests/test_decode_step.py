@@ -234,3 +234,11 @@ def test_script_writes_json_and_refuses_to_overwrite(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.returncode != 0 and "--force" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_script_refuses_a_context_without_a_full_window(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_step.py"),
+                           "--contexts", "100", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--contexts must be at least" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "decode_step.json").exists()

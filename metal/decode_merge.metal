@@ -3,15 +3,15 @@
 //
 // Template: T (output dtype), D (head dim), ROTATE (values were stored rotated by
 //   R = diag(signs) H / sqrt(D): out = (o H / sqrt(D)) * signs, H symmetric).
-// Inputs:  o_part (rows, n_blocks, D) float, unnormalized block outputs;
+// Inputs:  o_part (rows, n_blocks, D) T, normalized block outputs;
 //          ml_part (rows, n_blocks, 2) float, block max (log2 units) and block sum;
 //          signs (D) float; params int32[1] = {n_blocks}.
 // Output:  out (rows, D) T, rows = B * Hq * LQ.
 // Grid: one simdgroup (32 threads) per query row; lane owns elements [lane*D/32, +D/32):
-//   out = sum_b o_b * 2^(m_b - M) / sum_b l_b * 2^(m_b - M), M = max_b m_b, then the
+//   out = sum_b o_b * l_b * 2^(m_b - M) / sum_b l_b * 2^(m_b - M), M = max_b m_b, then the
 //   inverse rotation by Hadamard butterflies (in-lane, then simd_shuffle_xor).
 // Launch: B * Hq * LQ simdgroups (9 on the default model, 32 on Llama-3-8B at batch 1).
-// Bytes read per row: n_blocks * (D + 2) * 4 + D * 4 (signs); written: D * sizeof(T).
+// Bytes read per row: n_blocks * (D * sizeof(T) + 8) + D * 4 (signs); written: D * sizeof(T).
 
 constexpr int EPL = D / 32;
 
@@ -19,7 +19,7 @@ const int n_blocks = params[0];
 const size_t row = threadgroup_position_in_grid.y;
 const int lane = int(thread_index_in_simdgroup);
 const device float* ml = ml_part + row * n_blocks * 2;
-const device float* op = o_part + row * n_blocks * D + lane * EPL;
+const device T* op = o_part + row * n_blocks * D + lane * EPL;
 
 float M = ml[0];
 for (int b = 1; b < n_blocks; b++) {
@@ -31,10 +31,10 @@ for (int x = 0; x < EPL; x++) {
   v[x] = 0.0f;
 }
 for (int b = 0; b < n_blocks; b++) {
-  const float w = fast::exp2(ml[2 * b] - M);
-  L += ml[2 * b + 1] * w;
+  const float w = ml[2 * b + 1] * fast::exp2(ml[2 * b] - M);
+  L += w;
   for (int x = 0; x < EPL; x++) {
-    v[x] += op[b * D + x] * w;
+    v[x] += float(op[b * D + x]) * w;
   }
 }
 const float inv = 1.0f / L;

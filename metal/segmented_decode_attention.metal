@@ -15,8 +15,8 @@
 //          signs   (D) float; lens (B, 2) int32 = {tokens n, window tokens n_w} per sequence;
 //          params  int32[9] = {cap, fcap, sink, recent, block, nb_q, n_blocks, n_chunks, Hkv};
 //          scale   float[1].
-// Outputs: o_part (B*Hq*LQ, n_blocks, D) float, unnormalized; ml_part (..., n_blocks, 2)
-//          float: block max (log2 units) and sum.
+// Outputs: o_part (B*Hq*LQ, n_blocks, D) T, the block's normalized output; ml_part
+//          (..., n_blocks, 2) float: block max (log2 units) and sum.
 // Segments of sequence b: sink = positions [0, min(n, sink)) from fp slots; store rows
 //   [0, n_q), n_q = n - sink - n_w (positions [sink, n - n_w)); window = positions
 //   [n - n_w, n) from the ring. Query token t sees positions <= n - LQ + t.
@@ -42,7 +42,7 @@
 //   (9q/3kv, d64) at 1K: 65 x 3 = 195 threadgroups, 780 simdgroups, LPK 8.
 // Bytes read per (sequence, KV head): n_q * ROW * 4 (int4 d128 g64: 144 per token, 0.28x
 //   of fp16's 512) + fp slots * 4D + per threadgroup RT*D*sizeof(T) of queries; written:
-//   rows * n_blocks * (D + 2) * 4 partials.
+//   rows * n_blocks * (D * sizeof(T) + 8) partials.
 // ALU per cached element (4-bit keys, per query row): AND + convert + FMA; per group +2 FMA.
 
 constexpr int EPL = D / 32;          // output elements per lane
@@ -279,9 +279,12 @@ for (int j = sg; j < nrows; j += NSG) {
       acc[x] += mt[lane * EPL + x] * w;
     }
   }
+  // Normalized, so the partial has the values' range and fits the output dtype (half on
+  // the GPU: half the partial traffic); an empty block writes zeros with l = 0.
+  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
   const size_t part = (row0 + j) * n_blocks + blk;
   for (int x = 0; x < EPL; x++) {
-    o_part[part * D + lane * EPL + x] = acc[x];
+    o_part[part * D + lane * EPL + x] = static_cast<T>(acc[x] * inv);
   }
   if (lane == 0) {
     ml_part[part * 2] = M;

@@ -120,7 +120,7 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
         grid=(p.n_blocks * nt, Hkv, B * p.row_chunks),
         threadgroup=(nt, 1, 1),
         output_shapes=[(rows, p.n_blocks, D), (rows, p.n_blocks, 2)],
-        output_dtypes=[mx.float32, mx.float32],
+        output_dtypes=[queries.dtype, mx.float32],
     )
     (out,) = _merge_kernel(backend)(
         inputs=[o_part, ml_part, signs_in, mx.array([p.n_blocks], dtype=mx.int32)],

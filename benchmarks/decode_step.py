@@ -46,7 +46,7 @@ QUICK_CONTEXTS = [512, 1024]
 PREFILL_CHUNK = 4096
 # The caches compared: (key, label, make_cache options). fp16 first: the others' deltas.
 CACHES = [
-    ("fp16", "fp16", dict(kv_bits=16, dtype=mx.float16)),
+    ("fp16", "fp16", dict(kv_bits=16)),
     ("int4", "int4 (rotation, recent 256, sink 4)", dict(kv_bits=4)),
     ("int4_r0s0", "int4 --kv-recent 0 --kv-sink 0", dict(kv_bits=4, kv_recent=0, kv_sink=0)),
 ]
@@ -115,20 +115,26 @@ def lazy_model(config: dict, layers: int | None = None, dtype=mx.float16):
     return model
 
 
-def make_caches(model, options: dict):
-    from mlxq.cache import make_cache
+def make_caches(model, options: dict, dtype=None):
+    """``mlxq.cache.make_cache``; the fp16 cache in ``dtype`` (float16 for the Metal graph:
+    make_cache's full-precision cache takes the compute dtype, float32 on a CPU)."""
+    from mlxq.cache import KVCache, make_cache
 
+    if options.get("kv_bits", 16) == 16 and dtype is not None:
+        return [KVCache(dtype=dtype) for _ in model.layers]
     return make_cache(model, **options)
 
 
 def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False) -> None:
     """Bring every cache to ``tokens`` stored tokens without running the model: each layer
-    attends one query over chunks of random keys/values (the cache's own append path, on
-    the current backend). Only the caches' bookkeeping and array shapes matter to the graph
+    attends one query over chunks of random keys/values (``mlxq.attention.attend``: the
+    cache's own append path, on its backend). Only the caches' bookkeeping and array shapes matter to the graph
     of the next step, so by default this runs inside a throwaway ``mx.export_function``
     trace: nothing is computed, and Metal kernels record without Metal (a cache that picks
     its backend when made can be made under ``tracing_metal()``). ``evaluate`` computes
     the contents chunk by chunk instead (for timing real steps)."""
+    from mlxq.attention import attend
+
     a = model.args
     d = model.head_dim
     q = mx.zeros((1, a.num_attention_heads, 1, d), dtype=dtype)
@@ -143,7 +149,7 @@ def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False
                 # Explicit keys: the global random state must not pick up traced arrays.
                 k, v = (mx.random.normal(shape, key=mx.random.key(2 * chunk + i)).astype(dtype)
                         for i in range(2))
-                c.attend(q, k, v, scale=d ** -0.5)
+                attend(q, k, v, c, scale=d ** -0.5)
                 if evaluate:
                     mx.eval(list(step_graph.held_arrays(c).values()))
                 done += n
@@ -167,7 +173,7 @@ def traced_step(name: str, context: int, options: dict, layers: int) -> dict:
 
     model = lazy_model(MODELS[name], layers)
     with tracing_metal():
-        caches = make_caches(model, options)
+        caches = make_caches(model, options, dtype=mx.float16)
         prefill(model, caches, context - 1)
         graph = step_graph.decode_step_graph(model, caches)
     summary = step_graph.per_layer(graph, layers)
@@ -190,9 +196,10 @@ def time_steps(name: str, context: int, options: dict, steps: int) -> dict:
 
     if not metal_available():
         return common.not_available(common.NA_NEEDS_METAL)
-    model = random_model(split_config(MODELS[name])[0], 4, compute_dtype(), seed=0)  # evaluated layer by layer
-    caches = make_caches(model, options)
-    prefill(model, caches, context - 1, evaluate=True)
+    # Evaluated layer by layer: an 8B model never holds its float weights at once.
+    model = random_model(split_config(MODELS[name])[0], 4, compute_dtype(), seed=0)
+    caches = make_caches(model, options, dtype=compute_dtype())
+    prefill(model, caches, context - 1, dtype=compute_dtype(), evaluate=True)
 
     def step(y):
         return mx.argmax(model(y[None], cache=caches)[:, -1, :], axis=-1)
@@ -219,9 +226,8 @@ def cpu_check(options: dict) -> dict:
     from benchmarks.decode_latency import random_model
 
     model = random_model(split_config(CPU_CHECK_MODEL)[0], 4, mx.float32, seed=0)
-    opts = {k: v for k, v in options.items() if k != "dtype"}
     with common.kernel_backend_env("reference"):
-        caches = make_caches(model, opts)
+        caches = make_caches(model, options)
         return step_graph.cpu_copy_check(model, caches, CPU_CHECK_PROMPT, CPU_CHECK_STEPS)
 
 

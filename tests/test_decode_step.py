@@ -42,7 +42,7 @@ def steps():
     for key, options in CONFIGS.items():
         model = decode_step.lazy_model(decode_step.MODELS["default"], LAYERS)
         with tracing_metal():
-            caches = decode_step.make_caches(model, options)
+            caches = decode_step.make_caches(model, options, dtype=mx.float16)
             decode_step.prefill(model, caches, CONTEXT - 1)
             graph = step_graph.decode_step_graph(model, caches)
         out[key] = step_graph.per_layer(graph, LAYERS)

@@ -24,14 +24,26 @@ DISPATCH_BUDGET_OVER_FP16 = 4
 # Until the rewrite lands, no path may get worse than it measured on 2026-12-02
 # (benchmarks/decode_step.py, MLX 0.32.4): extra dispatches per layer over fp16.
 DISPATCHES_BEFORE = {"int4": 45, "int4_r0s0": 15}
-# Device bytes per layer (weights excluded) as a fraction of the fp16 cache's. Reading:
-# an int4 store is 4.5/16 of fp16; the default cache also reads its 260 fp16 tokens.
-READ_BUDGET = {"int4": 0.45, "int4_r0s0": 0.35}
-# Written: the new token's rows and the attention partials, not converted copies of the
-# window (today: the window converted to float32 every step, ~20x fp16's writes).
-WRITE_BUDGET_OVER_FP16 = 4.0
+# Device bytes per layer (weights excluded), as a fraction of the fp16 cache's: an int4
+# store is 4.5/16 of fp16; the rest is the fp16 sink/window and the attention partials.
+READ_BUDGET = 0.5
+# Written, as a fraction of what the step reads: the new token's rows and the attention
+# partials, not copies or float32 conversions of the window every step.
+WRITE_BUDGET_OF_READ = 0.3
 
-BEFORE = "today's int4 path (issue 10 'before'); the lead removes this mark when the rewrite lands"
+# Today's cache (before issue 10's rewrite: it still has its own ``attend``) misses these
+# budgets; the marks are strict, so they fail if that cache ever meets them. The rewritten
+# cache must meet them: delete the marks once it is merged.
+from mlxq.quantized_cache import QuantizedKVCache  # noqa: E402
+
+BEFORE_REWRITE = hasattr(QuantizedKVCache, "attend")
+
+
+def before(reason):
+    return pytest.mark.xfail(BEFORE_REWRITE, strict=True,
+                             reason=f"today's int4 path (issue 10 'before'): {reason}")
+
+
 CONFIGS = {key: options for key, _, options in decode_step.CACHES}
 
 
@@ -78,8 +90,8 @@ def test_int4_steps_launch_mlxq_kernels_and_read_less_than_fp16(steps):
 
 # --- budgets -------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", [
-    pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=BEFORE + ": +45")),
-    pytest.param("int4_r0s0", marks=pytest.mark.xfail(strict=True, reason=BEFORE + ": +15")),
+    pytest.param("int4", marks=before("+45")),
+    pytest.param("int4_r0s0", marks=before("+15")),
 ])
 def test_dispatches_per_layer_within_budget(steps, key):
     assert _extra(steps, key, "dispatches") <= DISPATCH_BUDGET_OVER_FP16, steps[key]["by_kind"]
@@ -90,29 +102,30 @@ def test_dispatches_per_layer_no_worse_than_before(steps, key):
     assert _extra(steps, key, "dispatches") <= DISPATCHES_BEFORE[key], steps[key]["by_kind"]
 
 
-@pytest.mark.parametrize("key", [
-    pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=BEFORE + ": 0.51x")),
-    "int4_r0s0",
-])
+@pytest.mark.parametrize("key", [pytest.param("int4", marks=before("0.51x")), "int4_r0s0"])
 def test_bytes_read_within_budget(steps, key):
     ratio = _own_bytes_read(steps[key]) / _own_bytes_read(steps["fp16"])
-    assert ratio <= READ_BUDGET[key]
+    assert ratio <= READ_BUDGET
+
+
+@pytest.mark.parametrize("key", [pytest.param("int4", marks=before("0.34")), "int4_r0s0"])
+def test_bytes_written_within_budget(steps, key):
+    assert steps[key]["bytes_written"] <= WRITE_BUDGET_OF_READ * _own_bytes_read(steps[key])
 
 
 @pytest.mark.parametrize("key", [
-    pytest.param("int4", marks=pytest.mark.xfail(strict=True, reason=BEFORE + ": ~20x")),
+    pytest.param("int4", marks=before("the window is converted to float32 and 2 strided "
+                                      "slices are made contiguous every step")),
     "int4_r0s0",
 ])
-def test_bytes_written_within_budget(steps, key):
-    ratio = steps[key]["bytes_written"] / steps["fp16"]["bytes_written"]
-    assert ratio <= WRITE_BUDGET_OVER_FP16
+def test_step_copies_no_part_of_a_cache_buffer(steps, key):
+    assert steps[key]["copies"]["slice"] == 0, steps[key]["copy_details"]
 
 
 @pytest.mark.parametrize("key", [
     "fp16",
-    pytest.param("int4", marks=pytest.mark.xfail(
-        strict=True, reason=BEFORE + ": pass 1 reads the int4 buffers, then the eviction "
-                                     "slice-updates them in the same step (6 at risk)")),
+    pytest.param("int4", marks=before("pass 1 reads the int4 buffers, then the eviction "
+                                      "slice-updates them in the same step (6 at risk)")),
     "int4_r0s0",
 ])
 def test_step_graph_copies_no_cache_buffer(steps, key):

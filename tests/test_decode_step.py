@@ -148,10 +148,10 @@ def test_cpu_check_sees_a_copied_buffer():
     from mlxq.cache import KVCache
 
     class HoldingCache(KVCache):
-        def attend(self, queries, keys, values, scale=1.0):
+        def update_and_fetch(self, keys, values):
             if self.keys is not None:
                 self.previous = self.keys[:, :, :1]  # shares the buffer: no in-place update
-            return super().attend(queries, keys, values, scale)
+            return super().update_and_fetch(keys, values)
 
     model = random_model(decode_step.split_config(decode_step.CPU_CHECK_MODEL)[0], 4,
                          mx.float32, seed=0)

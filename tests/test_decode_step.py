@@ -111,6 +111,8 @@ def test_bytes_written_are_the_new_rows_and_the_partials(steps, key):
 def test_step_graph_copies_no_cache_buffer(steps, key):
     copies = steps[key]["copies"]
     assert copies["whole"] == 0 and copies["at_risk"] == 0, steps[key]["copy_details"]
+    # Nor any part of one copied or converted (the window in float32 was, before).
+    assert copies["slice"] == 0, steps[key]["copy_details"]
 
 
 # --- the CPU check: real decode steps, buffer addresses --------------------------------------

@@ -11,6 +11,8 @@ cache store them, then attends causally over everything stored:
 | ``QuantizedKVCache``           | 1-8        | metal, emulate   | segmented decode kernel + merge    |
 | ``QuantizedKVCache``           | 1-8        | reference        | the oracle (``segmented_attention``)|
 | ``QuantizedKVCache``           | > 8        | any              | the oracle, the chunk in float16   |
+| ``BatchQuantizedKVCache``      | 1 per seq. | metal, emulate   | the same kernels, per-sequence lens|
+| ``BatchQuantizedKVCache``      | 1 per seq. | reference        | the oracle, per-sequence positions |
 | another library's cache        | any        | any              | its ``update_and_fetch`` + SDPA    |
 
 The quantized cache always stores first and reads after (write before read), so no step
@@ -29,6 +31,7 @@ from .kernels.segmented_attention import (
     cache_segments,
     segmented_attention,
 )
+from .batch_cache import BatchQuantizedKVCache
 from .quantized_cache import QuantizedKVCache
 
 
@@ -52,6 +55,8 @@ def attend(queries, keys, values, cache=None, scale: float = 1.0):
             queries, k, v, scale=scale, mask=_causal_mask(L))
     if isinstance(cache, QuantizedKVCache):
         return quantized_attend(queries, keys, values, cache, scale)
+    if isinstance(cache, BatchQuantizedKVCache):
+        return batch_attend(queries, keys, values, cache, scale)
     return _foreign_cache_attend(queries, keys, values, cache, scale)
 
 
@@ -75,15 +80,31 @@ def attend_stored(queries, cache: QuantizedKVCache, scale: float, new_rows=None)
     return rotation.inverse(out) if rotation is not None else out
 
 
+def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: float):
+    """One decode step of a batch of sequences, each at its own length."""
+    cache.append(keys, values)
+    if cache.backend != "reference":
+        return _decode_kernels(queries, cache, cache.store, cache.fp, cache.lens, scale)
+    rotation = cache.rotation
+    q = rotation.forward(queries) if rotation is not None else queries
+    segments = cache_segments(cache.store, cache.fp, cache.lens, cache.sink, cache.recent,
+                              cache.head_dim, cache.bits, cache.group_size)
+    out = segmented_attention(q, (cache.offset - 1)[:, None], segments, scale)
+    return rotation.inverse(out) if rotation is not None else out
+
+
 def _fused_decode(queries, cache, scale):
+    B = queries.shape[0]
+    return _decode_kernels(queries, cache, *_buffers(cache, B),
+                           [(cache.offset, cache.window_length)] * B, scale)
+
+
+def _decode_kernels(queries, cache, store, fp, lens, scale):
     rotate_outside = cache.rotation is not None and not cache.kernel_rotates
     q = cache.rotation.forward(queries) if rotate_outside else queries
-    B = queries.shape[0]
     out = segmented_decode_attention(
-        q, *_buffers(cache, B),
-        [(cache.offset, cache.window_length)] * B, cache.sink, cache.recent, scale,
-        cache.bits, cache.group_size, cache.signs if cache.kernel_rotates else None,
-        cache.backend)
+        q, store, fp, lens, cache.sink, cache.recent, scale, cache.bits, cache.group_size,
+        cache.signs if cache.kernel_rotates else None, cache.backend)
     return cache.rotation.inverse(out) if rotate_outside else out
 
 

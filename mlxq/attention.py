@@ -22,6 +22,7 @@ inside the kernels where the head dim is a power of two, else with MLX ops here.
 
 import mlx.core as mx
 
+from .batch_cache import BatchQuantizedKVCache
 from .cache import KVCache
 from .kernels.decode_attention import MAX_QUERY_TOKENS, segmented_decode_attention
 from .kernels.kv_layout import row_words
@@ -31,7 +32,6 @@ from .kernels.segmented_attention import (
     cache_segments,
     segmented_attention,
 )
-from .batch_cache import BatchQuantizedKVCache
 from .quantized_cache import QuantizedKVCache
 
 

@@ -15,10 +15,10 @@ import mlx.core as mx
 
 from .errors import MlxqError
 from .kernels.kv_layout import row_words
-from .quantized_cache import QuantizedKVCache
+from .quantized_cache import QuantizedKVCache, QuantizedOptions
 
 
-class BatchQuantizedKVCache:
+class BatchQuantizedKVCache(QuantizedOptions):
     """One layer's cache for a batch of sequences (same config and layer)."""
 
     def __init__(self, caches: list):
@@ -40,23 +40,7 @@ class BatchQuantizedKVCache:
         self.store, self.fp = self._stack([c.store for c in caches], [c.fp for c in caches],
                                           max(self.lengths) + 1)
 
-    # --- options (the single-sequence cache's names) ----------------------------------
-    @property
-    def bits(self):
-        return self.config.bits
-
-    @property
-    def group_size(self):
-        return self.config.group_size
-
-    @property
-    def sink(self):
-        return self.config.sink
-
-    @property
-    def recent(self):
-        return self.config.recent
-
+    # --- what attention reads ---------------------------------------------------------
     @property
     def offset(self):
         """Per-sequence lengths (B,), what RoPE takes as positions."""
@@ -114,17 +98,7 @@ class BatchQuantizedKVCache:
         if L != 1 or B != len(self.lengths) or D != self.head_dim:
             raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
                             f"{len(self.lengths)} sequences of head_dim {self.head_dim}")
-        from .kernels.kv_append import append_rows, reference_append_rows
-
-        if self.backend == "reference":
-            fp_rows, q_rows = reference_append_rows(keys, values, self.rotation, self.bits,
-                                                    self.group_size)
-        else:
-            signs = self.signs if self.kernel_rotates else None
-            if self.rotation is not None and signs is None:
-                keys, values = self.rotation.forward(keys), self.rotation.forward(values)
-            fp_rows, q_rows = append_rows(keys, values, signs, self.bits, self.group_size,
-                                          self.backend)
+        fp_rows, q_rows = self.encode(keys, values)
         S, R = self.sink, self.recent
         if max(self.lengths) + 1 - S >= self.store.shape[2]:  # keep the scratch row free
             extra = mx.zeros((*self.store.shape[:2], self.config.step, self.store.shape[3]),

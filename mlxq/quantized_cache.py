@@ -32,7 +32,38 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-class QuantizedKVCache:
+class QuantizedOptions:
+    """The config's fields under the names the attention path reads (both quantized
+    caches), and the new-token encoding they share."""
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.config.group_size
+
+    @property
+    def sink(self) -> int:
+        return self.config.sink
+
+    @property
+    def recent(self) -> int:
+        return self.config.recent
+
+    def encode(self, keys, values):
+        """New keys/values -> (float16 rows, quantized rows), rotated, on the backend."""
+        if self.backend == "reference":
+            return reference_append_rows(keys, values, self.rotation, self.bits,
+                                         self.group_size)
+        signs = self.signs if self.kernel_rotates else None
+        if self.rotation is not None and signs is None:
+            keys, values = self.rotation.forward(keys), self.rotation.forward(values)
+        return append_rows(keys, values, signs, self.bits, self.group_size, self.backend)
+
+
+class QuantizedKVCache(QuantizedOptions):
     """One layer's int4/int8 cache. ``layer_index`` picks the rotation's signs;
     ``backend`` ('metal' | 'emulate' | 'reference') is fixed when the cache is made."""
 
@@ -53,23 +84,6 @@ class QuantizedKVCache:
         self.head_dim = None
         self.rotation = None   # HadamardRotation, applied with MLX ops where needed
         self.signs = None      # its signs, for kernels that rotate in registers
-
-    # --- options ---------------------------------------------------------------------
-    @property
-    def bits(self) -> int:
-        return self.config.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.config.group_size
-
-    @property
-    def sink(self) -> int:
-        return self.config.sink
-
-    @property
-    def recent(self) -> int:
-        return self.config.recent
 
     @property
     def kernel_rotates(self) -> bool:
@@ -110,15 +124,7 @@ class QuantizedKVCache:
         if values.shape != keys.shape or D != self.head_dim:
             raise MlxqError(f"the quantized KV cache needs keys and values of one head_dim "
                             f"({self.head_dim}), got {keys.shape} and {values.shape}")
-        if self.backend == "reference":
-            fp_rows, q_rows = reference_append_rows(keys, values, self.rotation,
-                                                    self.bits, self.group_size)
-        else:
-            signs = self.signs if self.kernel_rotates else None
-            if self.rotation is not None and signs is None:
-                keys, values = self.rotation.forward(keys), self.rotation.forward(values)
-            fp_rows, q_rows = append_rows(keys, values, signs, self.bits, self.group_size,
-                                          self.backend)
+        fp_rows, q_rows = self.encode(keys, values)
         self._write(fp_rows, q_rows, B, H, D)
         return fp_rows
 

@@ -49,10 +49,14 @@ def plan_quantization(model, native: dict, q_bits: int, q_group_size: int) -> di
         width = module.weight.shape[-1]
         if width % q_group_size:
             fits = [g for g in SUPPORTED_GROUP_SIZES if width % g == 0]
-            hint = f"; try --q-group-size {fits[-1]}" if fits else ""
+            if not fits:  # no flag helps: the model's shape is the problem
+                raise MlxqError(
+                    f"the input width {width} of {path} is not a multiple of "
+                    f"{SUPPORTED_GROUP_SIZES[0]}, the smallest quantization group; this "
+                    "model's layer sizes (config.json) cannot be quantized")
             raise MlxqError(
                 f"--q-group-size {q_group_size} does not divide the input width {width} "
-                f"of {path}{hint}"
+                f"of {path}; try --q-group-size {fits[-1]}"
             )
         plan[path] = {"group_size": q_group_size, "bits": q_bits}
     return plan
@@ -75,7 +79,8 @@ def _quantize_weights(weights: dict, plan: dict, native: dict, dtype, float_dtyp
     from tqdm import tqdm
 
     todo = [p for p in plan if p not in native]
-    bar = tqdm(todo, desc="quantizing", unit="layer", disable=not (progress and todo), file=sys.stderr)
+    bar = tqdm(todo, desc="quantizing", unit="layer", disable=not (progress and todo),
+               file=sys.stderr, leave=False)
     for path in bar:
         key = f"{path}.weight"
         if key not in weights:
@@ -113,16 +118,20 @@ def convert(
     import mlx.core as mx
     import mlx.nn as nn
 
-    from .models import build_model
+    from .model_config import build_checked
     from .safetensors_io import save_weights
     from .sources import GGUFSource, open_source
+    from .tokenizer_files import check_tokenizer_files
     from .weight_check import check_weights
 
     source = open_source(hf_path)
-    model = build_model(source.config)
+    model = build_checked(source.config, source.path)
     plan = plan_quantization(model, source.native, q_bits, q_group_size)
 
     with writing_folder(out, force, written_by="mlxq.convert") as tmp:
+        # The tokenizer first: checked against the embedding before the long part.
+        token_ids = source.write_tokenizer(tmp)
+        check_tokenizer_files(tmp, source.config.get("vocab_size"))
         weights = model.sanitize(source.read_weights(progress=progress))
         target = getattr(mx, dtype)
         float_dtype = None if isinstance(source, GGUFSource) else target
@@ -131,7 +140,6 @@ def convert(
         check_weights(model, weights, "weights do not match the model config")
         save_weights(tmp, weights)
         del weights
-        token_ids = source.write_tokenizer(tmp)
         config = source.output_config()
         for k, v in token_ids.items():
             config.setdefault(k, v)
@@ -168,6 +176,9 @@ def _parser():
 @cli_main
 def main(argv=None):
     args = _parser().parse_args(argv)
+    from .backend import kernel_backend
+
+    kernel_backend()  # a bad MLXQ_KERNELS is reported by every command, at once
     out = convert(
         args.hf_path,
         args.mlx_path,
@@ -175,7 +186,8 @@ def main(argv=None):
         q_group_size=args.q_group_size,
         dtype=args.dtype,
         force=args.force,
-        progress=not args.quiet,
+        # Bars only on a terminal, and cleared when done: an error stays one line.
+        progress=not args.quiet and sys.stderr.isatty(),
     )
     print(f"[mlxq] wrote {out}", file=sys.stderr)
     return 0

@@ -7,9 +7,10 @@ import mlx.core as mx
 from .backend import compute_dtype
 from .errors import MlxqError
 from .model_folder import check_model_folder, read_config, resolve_model_path
-from .models import build_model
+from .model_config import build_checked
 from .models.quantization import quantization_from_config, quantize_for_weights
 from .safetensors_io import load_weights
+from .tokenizer_files import check_tokenizer_files
 from .weight_check import check_weights
 
 
@@ -25,7 +26,7 @@ def load_model(folder: Path, config: dict | None = None, dtype=None):
     """The model of an mlx-lm folder with its floating parameters in ``dtype``
     (default: the backend's compute dtype)."""
     config = config if config is not None else read_config(folder)
-    model = build_model(config)
+    model = build_checked(config, folder / "config.json")
     weights = model.sanitize(load_weights(folder))
     quant = quantization_from_config(config)
     if quant is not None:
@@ -53,6 +54,7 @@ def load(path_or_hub_id):
     folder = resolve_model_path(path_or_hub_id)
     config = read_config(folder)
     check_model_folder(folder)
+    check_tokenizer_files(folder, config.get("vocab_size"))
     model = load_model(folder, config)
     tokenizer = load_tokenizer(folder, config)
     return model, tokenizer

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .errors import MlxqError
+from .model_config import validate_config
 
 # What a model folder needs from the hub: config, weights and tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -35,24 +36,34 @@ def resolve_model_path(path_or_hub_id, allow_patterns=HUB_PATTERNS) -> Path:
 
 
 def read_config(folder: Path) -> dict:
-    """config.json, with generation_config.json's eos ids merged in (as mlx-lm does)."""
+    """config.json, with generation_config.json's eos ids merged in (as mlx-lm does),
+    validated by ``model_config.validate_config``."""
     check_model_folder(folder, weights=False, tokenizer=False)
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise MlxqError(f"cannot read {config_file}: {e}") from None
-    if not isinstance(config, dict):
-        raise MlxqError(f"{config_file} is not a JSON object")
+    config = read_json_object(config_file)
     gen_file = folder / "generation_config.json"
     if gen_file.exists():
-        try:
-            eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            eos = None
-        if eos:
-            config["eos_token_id"] = eos
+        generation = read_json_object(gen_file)
+        if generation.get("eos_token_id") is not None:
+            config["eos_token_id"] = generation["eos_token_id"]
+            where = f"{config_file} (with eos_token_id from {gen_file.name})"
+        else:
+            where = config_file
+    else:
+        where = config_file
+    validate_config(config, where)
     return config
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a config or tokenizer settings file)."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise MlxqError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise MlxqError(f"{path} is not a JSON object")
+    return data
 
 
 def check_model_folder(folder: Path, weights: bool = True, tokenizer: bool = True) -> None:

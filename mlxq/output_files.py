@@ -160,27 +160,31 @@ def _publish(tmp: Path, out: Path, force: bool):
 
 
 @contextlib.contextmanager
-def replacing(path):
-    """Yields a temporary path next to ``path`` (same suffix) to write; it replaces
-    ``path`` only when the block completes, and is removed (with any parent folders
-    created for it) if the block fails or is interrupted."""
-    path = Path(path)
-    created = _make_parents(path.parent)
-    tmp = None
+def replacing(*paths):
+    """Yields a temporary path next to each of ``paths`` (same suffix; one path: the path
+    itself, several: a list) to write. They replace ``paths`` together, only when the
+    block completes; if it fails or is interrupted they are removed, with any parent
+    folders created for them, and every target is left as it was."""
+    paths = [Path(p) for p in paths]
+    created, tmps = [], []
     try:
         with sigterm_raises():
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                        suffix=path.suffix)
-            os.close(fd)
-            tmp = Path(name)
-            yield tmp
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs are not
-            os.replace(tmp, path)
-            tmp = None
+            for path in paths:
+                created += _make_parents(path.parent)
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                            suffix=path.suffix)
+                os.close(fd)
+                tmps.append(Path(name))
+            yield tmps[0] if len(tmps) == 1 else list(tmps)
+            with _signals_deferred():
+                for tmp, path in zip(tmps, paths):
+                    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+                    os.replace(tmp, path)
+                tmps = []
     except BaseException:
-        if tmp is not None:
+        for tmp in tmps:
             tmp.unlink(missing_ok=True)
-        _remove_empty(created)
+        _remove_empty(sorted(set(created), key=lambda f: -len(f.parts)))
         raise
 
 

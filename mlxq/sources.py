@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 from .errors import MlxqError
+from .model_config import validate_config
 from .model_folder import check_model_folder, read_config, resolve_model_path
+from .tokenizer_files import check_tokenizer_files
 
 # Copied verbatim from an HF folder: transformers and mlx-lm read them as they are.
 TOKENIZER_FILES = (
@@ -44,6 +46,7 @@ class GGUFSource:
         self.path = path
         self.gguf = open_gguf(path)
         self.config = self.gguf.config
+        validate_config(self.config, f"{path} (its metadata)")
         self.native = self.gguf.native
 
     def read_weights(self, progress=False):
@@ -72,8 +75,10 @@ class HFSource:
         if "quantization" in self.config or "quantization_config" in self.config:
             raise MlxqError(f"{self.folder} is already quantized; convert a float checkpoint")
         self.native = {}  # nothing arrives pre-quantized
-        # Validate every shard up front, so a truncated download fails before any work.
+        # Validate every shard and tokenizer file up front, so a truncated download or a
+        # broken file fails before any work.
         check_model_folder(self.folder)
+        check_tokenizer_files(self.folder, self.config.get("vocab_size"))
 
     def read_weights(self, progress: bool = False) -> dict:
         from .safetensors_io import load_weights

@@ -109,6 +109,8 @@ def read_text_file(path) -> str:
     path = Path(path).expanduser()
     if path.is_dir():
         raise MlxqError(f"{path} is a folder; give a UTF-8 text file")
+    if path.exists() and not path.is_file():
+        raise MlxqError(f"{path} is not a regular file; give a UTF-8 text file")
     if not path.is_file():
         raise MlxqError(f"text file {str(path)!r} does not exist")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .convert import convert
 from .errors import MlxqError
+from .model_folder import check_model_folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,6 +44,10 @@ def default_model_path() -> Path:
     """
     target = mlxq_home() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
+        try:
+            check_model_folder(target)
+        except MlxqError as e:  # damaged since (files deleted, disk trouble)
+            raise MlxqError(f"{e}; remove {target} to convert the default model again") from None
         return target
     gguf = default_gguf_path()
     try:

@@ -80,5 +80,9 @@ def cli_main(func):
             return 128 + signal.SIGTERM
         except BrokenPipeError:
             return 1
+        except OSError as e:  # the environment's (disk full, permissions): the user's to fix
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
 
     return wrapper

@@ -362,7 +362,7 @@ def main(argv=None):
 
     kernel_backend()  # a bad MLXQ_KERNELS is reported at once
     check_settings(args.context, args.windows, args.prefill, args.step)
-    if args.json_path:
+    if args.json_path is not None:
         check_output_file(args.json_path, args.force)  # before a run of minutes, not after
         if args.text_file and _same_file(args.json_path, args.text_file):
             raise MlxqError(f"--json {args.json_path} is the --text-file itself; the report "
@@ -401,7 +401,7 @@ def main(argv=None):
           f"{args.prefill}, then {args.step} tokens per step through the cache's decode "
           "attention)")
     print(format_table(report))
-    if args.json_path:
+    if args.json_path is not None:
         write_text_file(args.json_path, json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -134,7 +134,13 @@ def _encode_text(tokenizer, prompt, system, chat_template):
     if chat_template and getattr(tokenizer, "has_chat_template", False):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # template code may raise anything (jinja2, raise_exception)
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise MlxqError(f"the model's chat template fails on this prompt ({first}); "
+                            "feed the prompt as plain text (--ignore-chat-template / "
+                            "chat_template=False)") from None
         return list(ids)
     if system:
         prompt = f"{system}\n\n{prompt}"

@@ -67,6 +67,8 @@ def load_for_cli(spec: str | None):
         from .default_model import default_model_path
 
         spec = str(default_model_path())
+    elif not spec.strip():
+        raise MlxqError("--model is empty; give a model folder or hub id")
     elif not Path(spec).exists() and "/" not in spec:
         raise MlxqError(f"--model {spec}: no such file or folder")
     try:

@@ -61,6 +61,8 @@ def read_json_object(path: Path) -> dict:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise MlxqError(f"cannot read {path}: {e}") from None
+    except RecursionError:  # absurdly deep nesting
+        raise MlxqError(f"cannot read {path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise MlxqError(f"{path} is not a JSON object")
     return data

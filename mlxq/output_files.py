@@ -23,9 +23,9 @@ MARKER = ".mlxq-output"  # in every folder mlxq writes: what --force may replace
 
 def check_output_file(path, force: bool) -> Path:
     """``path`` as a Path, or one clear MlxqError if it cannot or may not be written."""
-    path = Path(path)
     if not str(path).strip():
         raise MlxqError("the output path is empty")
+    path = Path(path)
     if path.is_dir():
         raise MlxqError(f"{path} is a folder; give a file path")
     if path.exists() and not force:
@@ -62,8 +62,8 @@ def check_output_folder(path, force: bool, source=None, flag: str = "--mlx-path"
     if source is not None:
         src = Path(str(source)).expanduser()
         if src.exists() and _inside(src.resolve(), out.resolve()):
-            raise MlxqError(f"the source {source} is inside {flag} {out}, which would be "
-                            "replaced; choose another output folder")
+            raise MlxqError(f"the source {source} is inside {flag} {out}, the folder to "
+                            "write; choose another output folder")
     if out.exists():
         if not out.is_dir():
             raise MlxqError(f"{flag} {out} is a file; choose a folder path")

@@ -124,6 +124,15 @@ def sandbox(tmp_path_factory):
     (missing / "model.safetensors").unlink()
     mx.save_safetensors(str(missing / "model.safetensors"), w)
 
+    bad_template = shutil.copytree(mlx, root / "mlx-bad-template")
+    tok_config = json.loads((bad_template / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = "{{ raise_exception('roles must alternate') }}"
+    (bad_template / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (shutil.copytree(mlx, root / "mlx-header-list") / "model.safetensors").write_bytes(
+        (2).to_bytes(8, "little") + b"[]")
+    (shutil.copytree(mlx, root / "mlx-deep-config") / "config.json").write_text("[" * 100000)
+    (shutil.copytree(mlx, root / "mlx-index-list")
+     / "model.safetensors.index.json").write_text('{"weight_map": []}')
     (root / "text.txt").write_text(TEXT)
     (root / "binary.bin").write_bytes(bytes(range(256)) * 8)
     (root / "utf16.txt").write_text(TEXT, encoding="utf-16")
@@ -197,6 +206,10 @@ CLI_CASES = [
     ("convert", ["--hf-path", "hf", "--mlx-path", "other-hf"], "not written by mlxq"),
     ("convert", ["--hf-path", "hf", "--mlx-path", "other-hf", "--force"], "not written by mlxq"),
     ("convert", ["--hf-path", "mlx"], "already quantized"),
+    ("convert", ["--hf-path", "hf", "--mlx-path", "."], "inside"),
+    ("convert", ["--hf-path", "hf", "--mlx-path", "/", "--force"], "inside"),
+    ("convert", ["--hf-path", "/work/../nowhere", "--mlx-path", "/", "--force"],
+     "not written by mlxq"),
     ("convert", ["--hf-path", "hf-big-tokenizer"], "400 tokens"),
     ("convert", ["--hf-path", "hf-broken-tokenizer"], "tokenizer.json"),
     ("convert", ["--hf-path", "hf-broken-tokenizer-config"], "tokenizer_config.json"),
@@ -230,6 +243,11 @@ CLI_CASES = [
     ("generate", ["--model", "mlx-big-tokenizer"], "400 tokens"),
     ("generate", ["--model", "mlx-generation-config-list"], "generation_config.json"),
     ("generate", [*M, "--prompt", "word " * 600, "--max-tokens", "1"], "context"),
+    ("generate", ["--model", "mlx-bad-template", "--prompt", "hi"], "chat template"),
+    ("generate", ["--model", "mlx-header-list"], "not a valid safetensors"),
+    ("generate", ["--model", "mlx-deep-config"], "nested too deeply"),
+    ("generate", ["--model", "mlx-index-list"], "model.safetensors.index.json"),
+    ("generate", ["--model", ""], "--model is empty"),
     ("generate", [*M, "--kv-bits", "8", "--kv-group-size", "128"], "--kv-group-size 32 or 64"),
     *[("generate", ["--model", f"mlx-{name}"], next(iter(changes)))
       for name, changes in BAD_CONFIGS.items()],
@@ -245,7 +263,10 @@ CLI_CASES = [
     ("evaluate", [*EVAL[:2], "--text-file", "blank.txt"], "no text"),
     ("evaluate", [*EVAL[:2], "--text-file", "nowhere.txt"], "does not exist"),
     ("evaluate", [*EVAL[:2], "--text-file", "bench"], "is a folder"),
+    ("evaluate", [*EVAL[:2], "--text-file", "/dev/null"], "regular file"),
+    ("evaluate", [*EVAL, "--json", ""], "empty"),
     ("evaluate", [*EVAL, "--windows", "0"], "--windows"),
+    ("evaluate", [*EVAL, "--windows", "100000"], "tokens"),
     ("evaluate", [*EVAL, "--step", "0"], "--step"),
     ("evaluate", [*EVAL, "--context", "1"], "--context"),
     ("evaluate", [*EVAL, "--kv-bits", "16", "--kv-recent", "8"], "quantized KV cache only"),
@@ -401,6 +422,17 @@ def test_api_load(folder, words, in_sandbox):
     with pytest.raises(MlxqError) as e:
         mlxq.load(folder)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_default_model_says_how_to_recover(tmp_path, monkeypatch):
+    from mlxq import default_model
+
+    target = tmp_path / "models" / default_model.DEFAULT_MODEL_NAME
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    monkeypatch.setenv("MLXQ_HOME", str(tmp_path))
+    with pytest.raises(MlxqError, match=f"remove {target}"):
+        default_model.default_model_path()
 
 
 def test_token_ids_at_the_edge_of_the_vocabulary_work(tiny):

@@ -121,6 +121,9 @@ def main(argv=None):
     # No options; --help says what this measures and unknown flags are one-line errors.
     ArgumentParser(prog="benchmarks/emulator_speed.py",
                    description=__doc__.split("\n\n")[0]).parse_args(argv)
+    from mlxq.backend import kernel_backend
+
+    kernel_backend()  # a bad MLXQ_KERNELS is reported by every command
     from mlxq.emulator import compiler, source
 
     rows = []

@@ -28,9 +28,9 @@ def check_output_file(path, force: bool) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MlxqError(f"{path} is a folder; give a file path")
+    check_creatable(path)  # first: where --force would not help, do not suggest it
     if path.exists() and not force:
         raise MlxqError(f"{path} already exists; use --force to overwrite it")
-    check_creatable(path)
     return path
 
 

@@ -60,12 +60,13 @@ def _config_variant(root, base, name, **changes):
     return folder
 
 
-def _word_tokenizer(folder, n):
-    """A tokenizer.json with ``n`` tokens (more than the tiny model's 320 rows)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _word_tokenizer(folder, n, added=0):
+    """A tokenizer.json with ``n`` tokens and ``added`` added tokens after them."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_tokens([AddedToken(f"x{i}", normalized=False) for i in range(added)])
     tok.save(str(folder / "tokenizer.json"))
 
 
@@ -107,6 +108,8 @@ def sandbox(tmp_path_factory):
         _config_variant(root, mlx, f"mlx-{name}", **changes)
     big = shutil.copytree(mlx, root / "mlx-big-tokenizer")
     _word_tokenizer(big, 400)
+    # Its vocabulary fits the embedding, but added tokens go past it (ids 300..329 > 319).
+    _word_tokenizer(shutil.copytree(mlx, root / "mlx-added-tokens"), 300, added=30)
     big_hf = shutil.copytree(hf, root / "hf-big-tokenizer")
     _word_tokenizer(big_hf, 400)
     (shutil.copytree(hf, root / "hf-broken-tokenizer") / "tokenizer.json").write_text("{oops")
@@ -244,6 +247,8 @@ CLI_CASES = [
     ("generate", ["--model", "mlx-generation-config-list"], "generation_config.json"),
     ("generate", [*M, "--prompt", "word " * 600, "--max-tokens", "1"], "context"),
     ("generate", ["--model", "mlx-bad-template", "--prompt", "hi"], "chat template"),
+    ("generate", ["--model", "mlx-added-tokens", "--prompt", "w1 x29", "--max-tokens", "1",
+                  "--ignore-chat-template"], "tokenizer produced token id 329"),
     ("generate", ["--model", "mlx-header-list"], "not a valid safetensors"),
     ("generate", ["--model", "mlx-deep-config"], "nested too deeply"),
     ("generate", ["--model", "mlx-index-list"], "model.safetensors.index.json"),
@@ -316,6 +321,7 @@ def test_command_line(case, in_sandbox, capsys):
     ("convert", ["--hf-path", "hf", "--mlx-path", "new"]),
     ("generate", M), ("evaluate", EVAL),
     ("attention", ["--out", "out", "--quick"]), ("decode", ["--out", "out", "--quick"]),
+    ("emulator", []),
 ])
 def test_bad_kernel_backend_is_reported_at_startup(command, argv, in_sandbox, capsys,
                                                    monkeypatch):

@@ -54,9 +54,9 @@ def load(path_or_hub_id):
     folder = resolve_model_path(path_or_hub_id)
     config = read_config(folder)
     check_model_folder(folder)
-    check_tokenizer_files(folder, config.get("vocab_size"))
-    model = load_model(folder, config)
     tokenizer = load_tokenizer(folder, config)
+    check_tokenizer_files(folder, config.get("vocab_size"), tokenizer)
+    model = load_model(folder, config)
     return model, tokenizer
 
 

@@ -30,14 +30,17 @@ def tokenizer_vocab_size(folder: Path) -> int | None:
     return None  # tokenizer.model (SentencePiece): ids are checked at generation
 
 
-def check_tokenizer_files(folder: Path, vocab_size) -> None:
+def check_tokenizer_files(folder: Path, vocab_size, tokenizer=None) -> None:
     """One MlxqError for a broken settings file or a tokenizer larger than ``vocab_size``
-    (the model's embedding rows; None: unknown, not checked)."""
+    (the model's embedding rows; None: unknown, not checked). ``tokenizer``: the loaded
+    tokenizer, if there is one, to read its size from instead of parsing the file again."""
     folder = Path(folder)
     for name in JSON_FILES:
         if (folder / name).exists():
             read_json_object(folder / name)
-    n = tokenizer_vocab_size(folder)
+    n = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    if not isinstance(n, int):
+        n = tokenizer_vocab_size(folder)
     if n is not None and isinstance(vocab_size, int) and n > vocab_size:
         raise MlxqError(f"the tokenizer in {folder} has {n} tokens but the model's embedding "
                         f"has only {vocab_size} (vocab_size in config.json): they do not "

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
@@ -51,10 +52,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _program_name(module: str) -> str:
-    """``mlxq.generate`` also when run as ``python -m mlxq.generate`` (module ``__main__``)."""
+    """``mlxq.generate`` also when run as ``python -m mlxq.generate`` (module ``__main__``);
+    a script's file name when run as ``python benchmarks/x.py``."""
     if module == "__main__":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        return spec.name if spec is not None else "mlxq"
+        if spec is not None:
+            return spec.name
+        return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mlxq"
     return module
 
 

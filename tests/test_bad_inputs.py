@@ -350,6 +350,16 @@ def _run(args, stdin=None, env=None, cwd=None):
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
 
 
+@pytest.mark.parametrize("script, argv, prefix", [
+    ("benchmarks/attention_latency.py", ["--inner", "0"], "attention_latency.py: error:"),
+    ("benchmarks/emulator_speed.py", ["--bogus"], "emulator_speed.py: error:"),
+])
+def test_benchmark_scripts_as_run_by_hand(script, argv, prefix, in_sandbox):
+    proc = _run([str(REPO / script), *argv], cwd=in_sandbox)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr.decode(), prefix)
+
+
 def test_prompt_bytes_that_are_not_utf8_on_stdin(in_sandbox):
     proc = _run(["-m", "mlxq.generate", *M, "--prompt", "-"], stdin=b"caf\xe9 \xff\xfe",
                 env={"PYTHONPATH": str(REPO)}, cwd=in_sandbox)

@@ -78,7 +78,10 @@ def check_model_folder(folder: Path, weights: bool = True, tokenizer: bool = Tru
             hint = f"; convert it first: python -m mlxq.convert --hf-path {folder}"
         raise MlxqError(f"{folder} is not a model folder{hint}")
     if not (folder / "config.json").is_file():
-        raise MlxqError(f"{folder} has no config.json (not an mlx-lm / Hugging Face model folder)")
+        ggufs = sorted(folder.glob("*.gguf"))
+        hint = f"; to convert its GGUF, pass the file: {ggufs[0]}" if ggufs else ""
+        raise MlxqError(f"{folder} has no config.json (not an mlx-lm / Hugging Face model "
+                        f"folder){hint}")
     if weights:
         from .safetensors_io import check_safetensors, weight_files
 

@@ -103,6 +103,8 @@ def sandbox(tmp_path_factory):
     shutil.copytree(mlx, root / "out-with-source")
     write_tiny_gguf(root / "out-with-source" / "source.gguf", CONFIG, weights, {})
     shutil.copy(root / "out-with-source" / "source.gguf", root / "model.gguf")
+    (root / "gguf-folder").mkdir()
+    shutil.copy(root / "model.gguf", root / "gguf-folder" / "model.gguf")
     for name, changes in BAD_CONFIGS.items():
         _config_variant(root, hf, f"hf-{name}", **changes)
         _config_variant(root, mlx, f"mlx-{name}", **changes)
@@ -197,6 +199,7 @@ CLI_CASES = [
     ("convert", ["--hf-path", "nowhere"], "does not exist"),
     ("convert", ["--hf-path", "missing.gguf"], "does not exist"),
     ("convert", ["--hf-path", "text.txt"], "not a GGUF"),
+    ("convert", ["--hf-path", "gguf-folder"], "pass the file: gguf-folder/model.gguf"),
     ("convert", ["--hf-path", "hf", "--mlx-path", ""], "empty"),
     ("convert", ["--hf-path", "hf", "--mlx-path", "mlx"], "--force"),
     ("convert", ["--hf-path", "hf", "--mlx-path", "a-file/out"], "not a folder"),

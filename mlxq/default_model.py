@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+from .convert import convert
 from .errors import MlxqError
+from .model_folder import check_model_folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,16 +37,19 @@ def default_gguf_path() -> Path:
 def default_model_path() -> Path:
     """The converted default model folder, converting it on first use.
 
-    The folder only ever appears complete (conversion writes a temporary sibling and
-    renames it), so its config.json existing means it is ready. Two processes racing
+    The folder only ever appears complete (``convert`` writes through
+    ``output_files.writing_folder``: a temporary sibling, renamed at the end, removed on
+    any failure, Ctrl-C or SIGTERM), so its config.json existing means it is ready. Two processes racing
     both convert; the loser finds the winner's folder and uses it.
     """
     target = mlxq_home() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
+        try:
+            check_model_folder(target)
+        except MlxqError as e:  # damaged since (files deleted, disk trouble)
+            raise MlxqError(f"{e}; remove {target} to convert the default model again") from None
         return target
     gguf = default_gguf_path()
-    from .convert import convert
-
     try:
         convert(gguf, target, progress=sys.stderr.isatty())
     except MlxqError:

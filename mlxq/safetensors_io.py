@@ -26,9 +26,11 @@ def check_safetensors(path: Path) -> dict:
             if n > size - 8:
                 raise ValueError("header length beyond end of file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
     except OSError as e:
         raise MlxqError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MlxqError(f"{path} is not a valid safetensors file (truncated or corrupt: {e})") from None
     end = 0
     for name, info in header.items():
@@ -51,9 +53,9 @@ def weight_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MlxqError(f"cannot read {index}: {e}") from None
-        files = sorted({folder / name for name in weight_map.values()})
+            files = sorted({folder / name for name in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise MlxqError(f"cannot read {index}: {type(e).__name__}: {e}") from None
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise MlxqError(f"{folder}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}")

@@ -67,6 +67,8 @@ def write_tokenizer_files(meta: dict, folder: Path, model_max_length: int | None
             f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') "
             "vocabularies can be converted"
         )
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise MlxqError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))

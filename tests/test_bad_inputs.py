@@ -103,6 +103,8 @@ def sandbox(tmp_path_factory):
     shutil.copytree(mlx, root / "out-with-source")
     write_tiny_gguf(root / "out-with-source" / "source.gguf", CONFIG, weights, {})
     shutil.copy(root / "out-with-source" / "source.gguf", root / "model.gguf")
+    # 400 tokens in its vocabulary, 320 rows in its embedding.
+    write_tiny_gguf(root / "big-vocab.gguf", {**CONFIG, "vocab_size": 400}, weights, {})
     (root / "gguf-folder").mkdir()
     shutil.copy(root / "model.gguf", root / "gguf-folder" / "model.gguf")
     for name, changes in BAD_CONFIGS.items():
@@ -200,6 +202,7 @@ CLI_CASES = [
     ("convert", ["--hf-path", "missing.gguf"], "does not exist"),
     ("convert", ["--hf-path", "text.txt"], "not a GGUF"),
     ("convert", ["--hf-path", "gguf-folder"], "pass the file: gguf-folder/model.gguf"),
+    ("convert", ["--hf-path", "big-vocab.gguf", "--mlx-path", "new/out"], "400 tokens"),
     ("convert", ["--hf-path", "hf", "--mlx-path", ""], "empty"),
     ("convert", ["--hf-path", "hf", "--mlx-path", "mlx"], "--force"),
     ("convert", ["--hf-path", "hf", "--mlx-path", "a-file/out"], "not a folder"),

@@ -176,13 +176,15 @@ def make_cache(model, kv_bits: int = 16, kv_group_size: int | None = None,
     DEFAULT_RECENT tokens (``kv_recent``) and the first DEFAULT_SINK tokens (``kv_sink``)
     in full precision.
 
-    A model with a ``place_kv_caches(caches)`` method (mlx-lm architectures, see
+    A model with a ``place_kv_caches(kv_bits, layer_caches)`` method (mlx-lm architectures, see
     mlx_lm_bridge.py) then picks what each layer really gets (sliding-window layers a
     window-bounded cache) or refuses the quantized cache with a clear error."""
-    caches = _layer_caches(model, kv_bits, kv_group_size, kv_rotation, kv_recent, kv_sink,
-                           rotation_seed, **options)
+    def layer_caches():
+        return _layer_caches(model, kv_bits, kv_group_size, kv_rotation, kv_recent, kv_sink,
+                             rotation_seed, **options)
+
     place = getattr(model, "place_kv_caches", None)
-    return place(caches) if place is not None else caches
+    return place(kv_bits, layer_caches) if place is not None else layer_caches()
 
 
 def _layer_caches(model, kv_bits, kv_group_size, kv_rotation, kv_recent, kv_sink,

@@ -14,7 +14,7 @@ caches:
   keys/values and the attention call ends in ``mlxq.attention.attend``, which stores them
   and runs mlxq's fused kernel. A full-precision cache stores them at once and attends with
   MLX's SDPA under the model's own mask and sinks: exactly mlx-lm's KVCache semantics.
-- ``place_kv_caches`` (called by ``mlxq.cache.make_cache``) gives layers whose mlx-lm cache
+- ``place_kv_caches`` (``mlxq.cache.make_cache`` calls it) gives layers whose mlx-lm cache
   is a ``RotatingKVCache`` (sliding windows: Gemma 3 five layers of six, GPT-OSS every
   other) a ``WindowKVCache`` bounded by the window, and refuses the quantized cache, in one
   error that says why, for layers it cannot serve: recurrent state (SSM / linear
@@ -84,9 +84,20 @@ def _bridged(model_cls):
         _BRIDGED[model_cls] = type(model_cls.__name__, (model_cls,), {
             "__call__": __call__,
             "place_kv_caches": place_kv_caches,
+            "head_dim": property(_head_dim),
             "__doc__": f"mlx-lm's {model_cls.__module__}.Model on mlxq's KV caches.",
         })
     return _BRIDGED[model_cls]
+
+
+def _head_dim(model):
+    """Keys' head size, for the quantized cache's layout and rotation (None if unknown)."""
+    args = getattr(model, "args", None)
+    head_dim = getattr(args, "head_dim", None)
+    if not isinstance(head_dim, int):
+        hidden, heads = getattr(args, "hidden_size", None), getattr(args, "num_attention_heads", None)
+        head_dim = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else None
+    return head_dim
 
 
 _ORIGINAL = None
@@ -166,7 +177,7 @@ class LayerCache:
             raise MlxqError("this model attends without storing keys/values first; "
                             "it cannot use the quantized KV cache (use kv_bits=16)")
         if sinks is not None:
-            raise MlxqError(SINKS_REASON)
+            raise MlxqError(f"the quantized KV cache cannot serve this layer: {SINKS_REASON}")
         if not self._causal(mask):
             raise MlxqError("this layer attends under its own (non-causal) mask, which the "
                             "quantized KV cache cannot apply; use kv_bits=16")
@@ -186,9 +197,9 @@ def layer_views(caches) -> list:
 # --- which cache each layer gets -------------------------------------------------------
 
 SINKS_REASON = ("its attention layers add learned attention sinks, which mlxq's quantized "
-                "attention kernel does not apply yet; use kv_bits=16")
+                "attention kernel does not apply yet")
 MLA_REASON = ("multi-head latent attention (MLA) caches a compressed latent shared by all "
-              "heads, not per-head keys and values; use kv_bits=16")
+              "heads, not per-head keys and values")
 _STATE_REASONS = {
     "ArraysCache": "a recurrent state (SSM / linear-attention layer), not keys and values",
     "MambaCache": "a recurrent state (SSM layer), not keys and values",
@@ -234,36 +245,41 @@ def _named_arrays(model):
     return tree_flatten(model.parameters())
 
 
-def place_kv_caches(model, caches: list) -> list:
-    """mlxq.cache.make_cache's per-model step: ``caches`` holds one mlxq cache per layer;
-    return the caches the layers really get (see the module docstring)."""
+def place_kv_caches(model, kv_bits: int, layer_caches) -> list:
+    """mlxq.cache.make_cache's per-model step: ``layer_caches()`` builds one mlxq cache per
+    layer; return the caches the layers really get (see the module docstring), or refuse
+    the quantized cache before building anything."""
     from mlx_lm.models.cache import KVCache as MlxLmKVCache, RotatingKVCache
 
-    quantized = any(not _is_full_precision(c) for c in caches)
+    quantized = kv_bits != 16
     model_type = getattr(model, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
-    if quantized:
-        args = getattr(model, "args", None)
-        if getattr(args, "kv_lora_rank", None):
-            raise MlxqError(f"{model_type} cannot use the quantized KV cache: {MLA_REASON}")
-        if _has_sinks(model):
-            raise MlxqError(f"{model_type} cannot use the quantized KV cache: {SINKS_REASON}")
+
+    def refuse(why):
+        raise MlxqError(f"{model_type} cannot use the quantized KV cache (kv_bits={kv_bits}): "
+                        f"{why}; use kv_bits=16")
+
     theirs = model.make_cache() if hasattr(model, "make_cache") else \
-        [MlxLmKVCache() for _ in caches]
-    if len(theirs) != len(caches):
-        if quantized:
-            raise MlxqError(f"{model_type} cannot use the quantized KV cache: its layers do not "
-                            "each keep one key/value cache; use kv_bits=16")
+        [MlxLmKVCache() for _ in model.layers]
+    kinds = [type(c) for c in theirs]
+    if quantized:
+        if getattr(getattr(model, "args", None), "kv_lora_rank", None):
+            refuse(MLA_REASON)
+        if _has_sinks(model):
+            refuse(SINKS_REASON)
+        for i, kind in enumerate(kinds):
+            if kind not in (MlxLmKVCache, RotatingKVCache):
+                why = _STATE_REASONS.get(kind.__name__, f"a {kind.__name__}")
+                refuse(f"layer {i} keeps {why}")
+        if len(theirs) != len(model.layers):
+            refuse("its layers do not each keep one key/value cache")
+    if len(theirs) != len(model.layers):
         return theirs
     placed = []
-    for i, (mine, own) in enumerate(zip(caches, theirs)):
+    for mine, own in zip(layer_caches(), theirs):
         if type(own) is MlxLmKVCache:
             placed.append(mine)
         elif type(own) is RotatingKVCache:
             placed.append(window_cache(own.max_size, own.keep))
-        elif quantized:
-            why = _STATE_REASONS.get(type(own).__name__, f"a {type(own).__name__}")
-            raise MlxqError(f"{model_type} cannot use the quantized KV cache: layer {i} keeps "
-                            f"{why}; use kv_bits=16")
         else:
-            placed.append(own)  # 16 bits: mlx-lm's own cache for that layer
+            placed.append(own)  # 16 bits only: mlx-lm's own cache for that layer
     return placed

@@ -10,7 +10,6 @@ One query token, batch 1, one layer. Every path reads K/V that are already in me
 how close each comes to streaming its cache once.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,16 +34,17 @@ CACHE_STEP = 256  # mlxq's buffers are whole steps; the kernel reads only `lengt
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--contexts", type=common.int_list, default=None,
                    help="context lengths (default: 512..32768; --quick: 256,1024)")
     p.add_argument("--models", type=common.str_list, default=None,
                    help=f"head shapes: {','.join(MODELS)} (default: all; --quick: default)")
-    p.add_argument("--reps", type=int, default=None, help="timed samples (default 50; quick 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 5; quick 1)")
-    p.add_argument("--inner", type=int, default=None,
+    p.add_argument("--reps", type=common.positive_int, default=None,
+                   help="timed samples (default 50; quick 5)")
+    p.add_argument("--warmup", type=common.non_negative_int, default=None,
+                   help="untimed calls (default 5; quick 1)")
+    p.add_argument("--inner", type=common.positive_int, default=None,
                    help="calls evaluated together per sample (default 8 on Metal, else 1)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="activation / fp cache dtype (default: mlxq's compute dtype, "
@@ -57,10 +57,10 @@ def parse_args(argv=None):
             p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     args.contexts = args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)
     args.models = args.models or (["default"] if args.quick else list(MODELS))
-    args.reps = args.reps or (5 if args.quick else 50)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    if min(args.reps, args.warmup + 1) < 1:
-        p.error("--reps must be >= 1 and --warmup >= 0")
+    if args.reps is None:
+        args.reps = 5 if args.quick else 50
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 5
     return args
 
 
@@ -343,6 +343,7 @@ def plot(path, results, machine):
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    common.check_environment()
     json_path, png_path = common.output_paths(args, "attention_latency")
     from mlxq.backend import compute_dtype
 
@@ -367,8 +368,7 @@ def main(argv=None) -> int:
         "attention": results,
         "append": appends,
     }
-    common.write_json(json_path, data)
-    plot(png_path, results, machine)
+    common.write_outputs(json_path, png_path, data, lambda path: plot(path, results, machine))
     print(attention_table(results))
     print()
     print(append_table(appends))

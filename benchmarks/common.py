@@ -29,6 +29,7 @@ PEAK_GBPS = {
 }
 
 NA_NEEDS_METAL = "n/a: needs Metal"
+MAX_CONTEXT = 1 << 20  # contexts beyond this would only exhaust memory
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -213,7 +214,55 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if max(values) > MAX_CONTEXT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CONTEXT} tokens, got {max(values)}")
     return values
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def parser(doc: str):
+    """The benchmarks' argparse: usage errors are one line (mlxq.errors.ArgumentParser)."""
+    from mlxq.errors import ArgumentParser
+
+    return ArgumentParser(description=doc.split("\n\n")[0],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def check_environment() -> None:
+    """A bad MLXQ_KERNELS is reported at once, as by every mlxq command."""
+    from mlxq.backend import kernel_backend
+
+    kernel_backend()
 
 
 def str_list(text: str) -> list[str]:
@@ -230,7 +279,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="overwrite this benchmark's JSON and PNG in --out if they exist")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: small contexts, few repetitions, small shapes")
-    parser.add_argument("--peak-gbps", type=float, default=None,
+    parser.add_argument("--peak-gbps", type=positive_float, default=None,
                         help="peak memory bandwidth of this machine in GB/s "
                              "(default: from the table of Apple chips; unknown: blank)")
     parser.add_argument("--include-reference", action="store_true",
@@ -271,10 +320,25 @@ def output_paths(args, name: str) -> tuple[Path, Path]:
                  for ext in ("json", "png"))
 
 
+def json_text(data: dict) -> str:
+    return json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: Path, data: dict) -> None:
     from mlxq.output_files import write_text_file
 
-    write_text_file(path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
+    write_text_file(path, json_text(data))
+
+
+def write_outputs(json_path: Path, png_path: Path, data: dict, draw) -> None:
+    """The JSON (``data``) and the PNG (``draw(path)``), both or neither: written to
+    temporary files and renamed into place together (an error, Ctrl-C or SIGTERM leaves
+    no file behind)."""
+    from mlxq.output_files import replacing
+
+    with replacing(json_path, png_path) as (json_tmp, png_tmp):
+        json_tmp.write_text(json_text(data), encoding="utf-8")
+        draw(png_tmp)
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -325,11 +389,10 @@ def plot_panels(path: Path, panels: dict, *, xlabel: str, ylabel: str, title: st
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    from mlxq.output_files import replacing
-
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def machine_title(machine: dict) -> str:

@@ -11,7 +11,6 @@ their timings and memory are those of the real shapes. mlx-lm's cache runs insid
 mlxq model (mlxq's ``attend`` accepts mlx-lm caches), so the caches are the only difference.
 """
 
-import argparse
 import contextlib
 import os
 import sys
@@ -54,8 +53,9 @@ QUICK_CONTEXTS = [64, 256]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mlxq.quantized_cache import DEFAULT_RECENT, DEFAULT_SINK
+
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--contexts", type=common.int_list, default=None,
                    help="context lengths, ascending (default: 1024,4096,16384; "
@@ -63,31 +63,32 @@ def parse_args(argv=None):
     p.add_argument("--models", type=common.str_list, default=None,
                    help=f"{','.join(MODELS)} (default: {','.join(DEFAULT_MODELS)}; "
                         "--quick: tiny)")
-    p.add_argument("--decode-tokens", type=int, default=None,
+    p.add_argument("--decode-tokens", type=common.positive_int, default=None,
                    help="timed tokens per context (default 32; quick 6)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=common.non_negative_int, default=None,
                    help="untimed decode steps per context (default 2; quick 1)")
-    p.add_argument("--prefill-step", type=int, default=512,
+    p.add_argument("--prefill-step", type=common.positive_int, default=512,
                    help="prefill chunk size, as mlxq.generate (default: %(default)s)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4)
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
-    p.add_argument("--recent", type=int, default=None,
-                   help="mlxq: newest tokens kept in full precision (default: mlxq's, 128)")
-    p.add_argument("--sink", type=int, default=None,
-                   help="mlxq: first tokens kept in full precision (default: mlxq's, 4)")
+    p.add_argument("--recent", type=common.non_negative_int, default=None,
+                   help="mlxq: newest tokens kept in full precision "
+                        f"(default: mlxq's, {DEFAULT_RECENT})")
+    p.add_argument("--sink", type=common.non_negative_int, default=None,
+                   help=f"mlxq: first tokens kept in full precision (default: mlxq's, {DEFAULT_SINK})")
     p.add_argument("--weight-bits", type=int, choices=[4, 8], default=4,
                    help="weight quantization of the random models (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.non_negative_int, default=0)
     args = p.parse_args(argv)
     for name in args.models or []:
         if name not in MODELS:
             p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     args.contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)))
     args.models = args.models or (["tiny"] if args.quick else DEFAULT_MODELS)
-    args.decode_tokens = args.decode_tokens or (6 if args.quick else 32)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if args.decode_tokens < 1 or args.warmup < 0 or args.prefill_step < 1:
-        p.error("--decode-tokens and --prefill-step must be >= 1, --warmup >= 0")
+    if args.decode_tokens is None:
+        args.decode_tokens = 6 if args.quick else 32
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
     if args.quick:
         args.prefill_step = min(args.prefill_step, 128)
     return args
@@ -314,6 +315,7 @@ def plot(path, results, machine):
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    common.check_environment()
     json_path, png_path = common.output_paths(args, "decode_latency")
     from mlxq.backend import compute_dtype
 
@@ -335,8 +337,7 @@ def main(argv=None) -> int:
                      "batch": 1},
         "results": results,
     }
-    common.write_json(json_path, data)
-    plot(png_path, results, machine)
+    common.write_outputs(json_path, png_path, data, lambda path: plot(path, results, machine))
     print(table(results))
     print(f"wrote {json_path} and {png_path}")
     return common.exit_code(results)

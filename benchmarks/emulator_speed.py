@@ -17,6 +17,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mlxq.emulator import metal_kernel  # noqa: E402
+from mlxq.errors import ArgumentParser, cli_main  # noqa: E402
 
 # One threadgroup = one head x 1024 tokens; each thread scores one token (fp16 K, D=128), the group
 # finds max and sum with simd_max/simd_sum and threadgroup merges, then 128 threads accumulate
@@ -115,7 +116,11 @@ def small_case():
                           output_shapes=[(64,)], output_dtypes=[mx.float32])
 
 
-def main():
+@cli_main
+def main(argv=None):
+    # No options; --help says what this measures and unknown flags are one-line errors.
+    ArgumentParser(prog="benchmarks/emulator_speed.py",
+                   description=__doc__.split("\n\n")[0]).parse_args(argv)
     from mlxq.emulator import compiler, source
 
     rows = []
@@ -157,7 +162,8 @@ def main():
     print(f"{'case':<58} {'best s':>9} {'median s':>9}")
     for name, best, med in rows:
         print(f"{name:<58} {best:>9.4f} {med if med is not None else float('nan'):>9.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,19 +3,17 @@
 Float layers are quantized to ``--q-bits`` / ``--q-group-size``; GGUF Q4_0/Q4_1/Q8_0 layers
 are imported losslessly at their own bits/group, recorded as per-layer overrides in
 config.json's ``quantization`` section (mlx-lm format, so ``mlx_lm.load`` reads the result).
-The output is written to a temporary sibling folder and renamed into place at the end.
+The output is written by ``output_files.writing_folder``: a temporary sibling folder,
+renamed into place at the end and marked as mlxq's (only such a folder ``--force`` replaces).
 """
 
-import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .errors import MlxqError, cli_main
+from .errors import ArgumentParser, MlxqError, cli_main
+from .output_files import check_output_folder, writing_folder
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -35,45 +33,6 @@ def _validate_options(q_bits, q_group_size, dtype):
         raise MlxqError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
 
 
-def _open_source(hf_path):
-    from .gguf_import import is_gguf
-
-    path = Path(str(hf_path)).expanduser()
-    if path.is_file() and is_gguf(path):
-        from .gguf_import import open_gguf
-
-        return GGUFSource(open_gguf(path))
-    if path.is_file():
-        raise MlxqError(f"{path} is a file but not a GGUF file; pass a model folder, hub id or .gguf")
-    if not path.exists() and str(hf_path).lower().endswith(".gguf"):
-        raise MlxqError(f"GGUF file {hf_path} does not exist")
-    from .hf_import import HFSource
-
-    return HFSource(hf_path)
-
-
-class GGUFSource:
-    def __init__(self, gguf):
-        self.gguf = gguf
-        self.config = gguf.config
-        self.native = gguf.native
-
-    def read_weights(self, progress=False):
-        from .gguf_import import read_weights
-
-        return read_weights(self.gguf, progress=progress)
-
-    def write_tokenizer(self, out: Path) -> dict:
-        from .tokenizer_build import write_tokenizer_files
-
-        return write_tokenizer_files(
-            self.gguf.meta, out, model_max_length=self.config.get("max_position_embeddings")
-        )
-
-    def output_config(self) -> dict:
-        return dict(self.config)
-
-
 def plan_quantization(model, native: dict, q_bits: int, q_group_size: int) -> dict:
     """Per-layer {path: {"group_size", "bits"}} for every Linear/Embedding of ``model``.
 
@@ -90,10 +49,14 @@ def plan_quantization(model, native: dict, q_bits: int, q_group_size: int) -> di
         width = module.weight.shape[-1]
         if width % q_group_size:
             fits = [g for g in SUPPORTED_GROUP_SIZES if width % g == 0]
-            hint = f"; try --q-group-size {fits[-1]}" if fits else ""
+            if not fits:  # no flag helps: the model's shape is the problem
+                raise MlxqError(
+                    f"the input width {width} of {path} is not a multiple of "
+                    f"{SUPPORTED_GROUP_SIZES[0]}, the smallest quantization group; this "
+                    "model's layer sizes (config.json) cannot be quantized")
             raise MlxqError(
                 f"--q-group-size {q_group_size} does not divide the input width {width} "
-                f"of {path}{hint}"
+                f"of {path}; try --q-group-size {fits[-1]}"
             )
         plan[path] = {"group_size": q_group_size, "bits": q_bits}
     return plan
@@ -116,7 +79,8 @@ def _quantize_weights(weights: dict, plan: dict, native: dict, dtype, float_dtyp
     from tqdm import tqdm
 
     todo = [p for p in plan if p not in native]
-    bar = tqdm(todo, desc="quantizing", unit="layer", disable=not (progress and todo), file=sys.stderr)
+    bar = tqdm(todo, desc="quantizing", unit="layer", disable=not (progress and todo),
+               file=sys.stderr, leave=False)
     for path in bar:
         key = f"{path}.weight"
         if key not in weights:
@@ -131,29 +95,6 @@ def _quantize_weights(weights: dict, plan: dict, native: dict, dtype, float_dtyp
         if k not in quantized and float_dtype is not None and mx.issubdtype(v.dtype, mx.floating):
             weights[k] = v.astype(float_dtype)
     mx.eval(list(weights.values()))
-
-
-def _check_complete(model, weights: dict, plan: dict):
-    """The quantized model's parameter names and shapes must match ``weights`` exactly."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    nn.quantize(model, class_predicate=lambda p, m: plan.get(p, False))
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(expected.keys() - weights.keys())
-    extra = sorted(weights.keys() - expected.keys())
-    if missing or extra:
-        parts = [
-            f"{what} {', '.join(names[:4])}" + (" ..." if len(names) > 4 else "")
-            for what, names in (("missing", missing), ("unexpected", extra))
-            if names
-        ]
-        raise MlxqError("weights do not match the model config: " + "; ".join(parts))
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(weights[k].shape):
-            raise MlxqError(
-                f"weight {k} has shape {tuple(weights[k].shape)}, the config implies {tuple(v.shape)}"
-            )
 
 
 def convert(
@@ -172,98 +113,44 @@ def convert(
     Returns the output folder. Raises MlxqError for bad input, before any work.
     """
     _validate_options(q_bits, q_group_size, dtype)
-    out = _check_output_folder(mlx_path, hf_path, force)
+    out = check_output_folder(mlx_path, force, source=hf_path)
 
     import mlx.core as mx
+    import mlx.nn as nn
 
-    from .models import build_model
+    from .model_config import build_checked
+    from .safetensors_io import save_weights
+    from .sources import GGUFSource, open_source
+    from .tokenizer_files import check_tokenizer_files
+    from .weight_check import check_weights
 
-    source = _open_source(hf_path)
-    model = build_model(source.config)
+    source = open_source(hf_path)
+    model = build_checked(source.config, source.path)
     plan = plan_quantization(model, source.native, q_bits, q_group_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    with writing_folder(out, force, written_by="mlxq.convert") as tmp:
+        # The tokenizer first: checked against the embedding before the long part.
+        token_ids = source.write_tokenizer(tmp)
+        check_tokenizer_files(tmp, source.config.get("vocab_size"))
         weights = model.sanitize(source.read_weights(progress=progress))
         target = getattr(mx, dtype)
         float_dtype = None if isinstance(source, GGUFSource) else target
         _quantize_weights(weights, plan, source.native, target, float_dtype, progress)
-        _check_complete(model, weights, plan)
-
-        from .safetensors_io import save_weights
-
+        nn.quantize(model, class_predicate=lambda p, m: plan.get(p, False))
+        check_weights(model, weights, "weights do not match the model config")
         save_weights(tmp, weights)
         del weights
-        token_ids = source.write_tokenizer(tmp)
         config = source.output_config()
         for k, v in token_ids.items():
             config.setdefault(k, v)
         config["quantization"] = quantization_config(plan)
         config["quantization_config"] = config["quantization"]
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
-        _publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _check_output_folder(mlx_path, hf_path, force: bool) -> Path:
-    """The output folder, or one clear error before any work: an empty path, a folder that
-    exists (without --force), something --force must not delete (a file, or a folder that
-    is neither empty nor a model folder), the source itself, or an uncreatable location."""
-    if not str(mlx_path).strip():
-        raise MlxqError("--mlx-path is empty; give the folder to write")
-    out = Path(str(mlx_path)).expanduser()
-    if out.exists():
-        if not force:
-            raise MlxqError(f"{out} already exists; pass --force to replace it")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file()):
-            raise MlxqError(f"refusing to replace {out}: --force only replaces an empty "
-                            "folder or a model folder (with config.json); remove it yourself")
-        if Path(str(hf_path)).expanduser().resolve() == out.resolve():
-            raise MlxqError(f"--mlx-path {out} is the source itself; choose another folder")
-    from .output_files import check_creatable
-
-    check_creatable(out)
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: Path, out: Path, force: bool):
-    """Move the finished folder into place; with force, replace what is there."""
-    if out.exists() and force:
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        # Someone else finished the same folder first (rename onto a non-empty folder fails).
-        raise MlxqError(f"{out} already exists; pass --force to replace it") from None
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line through cli_main instead of argparse's usage block.
-        raise MlxqError(message)
 
 
 def _parser():
-    p = _ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mlxq.convert",
         description="Convert a Hugging Face model (folder or hub id) or a GGUF file into an "
         "mlx-lm folder with quantized weights.",
@@ -289,6 +176,9 @@ def _parser():
 @cli_main
 def main(argv=None):
     args = _parser().parse_args(argv)
+    from .backend import kernel_backend
+
+    kernel_backend()  # a bad MLXQ_KERNELS is reported by every command, at once
     out = convert(
         args.hf_path,
         args.mlx_path,
@@ -296,7 +186,8 @@ def main(argv=None):
         q_group_size=args.q_group_size,
         dtype=args.dtype,
         force=args.force,
-        progress=not args.quiet,
+        # Bars only on a terminal, and cleared when done: an error stays one line.
+        progress=not args.quiet and sys.stderr.isatty(),
     )
     print(f"[mlxq] wrote {out}", file=sys.stderr)
     return 0

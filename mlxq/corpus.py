@@ -107,13 +107,25 @@ def fetch_corpus(name: str, run=subprocess.run) -> Path:
 def read_text_file(path) -> str:
     """The text of a UTF-8 file (MlxqError if missing, unreadable or empty)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise MlxqError(f"{path} is a folder; give a UTF-8 text file")
     if not path.is_file():
         raise MlxqError(f"text file {str(path)!r} does not exist")
     try:
-        # Gutenberg texts may start with a byte-order mark: not part of the text.
-        text = path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
+        data = path.read_bytes()
     except OSError as e:
-        raise MlxqError(f"cannot read {path}: {e}") from None
+        raise MlxqError(f"cannot read {path}: {e.strerror or e}") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise MlxqError(f"{path} is UTF-16 text; convert it to UTF-8 first "
+                        "(e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        # Gutenberg texts may start with a byte-order mark: not part of the text.
+        text = data.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        raise MlxqError(f"{path} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r});"
+                        " give a UTF-8 text file") from None
+    if "\x00" in text:  # valid UTF-8, but binary data (or UTF-16 without a byte-order mark)
+        raise MlxqError(f"{path} holds NUL bytes: binary data or UTF-16, not UTF-8 text")
     if not text.strip():
         raise MlxqError(f"{path} contains no text")
     return text

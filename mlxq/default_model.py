@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from .convert import convert
 from .errors import MlxqError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -33,20 +34,23 @@ def default_gguf_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """The converted default model folder, converting it on first use.
-
-    The folder only ever appears complete (conversion writes a temporary sibling and
-    renames it), so its config.json existing means it is ready. Two processes racing
-    both convert; the loser finds the winner's folder and uses it.
-    """
+    """The converted default model folder, converting it on first use (``convert_once``)."""
     target = mlxq_home() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
         return target
-    gguf = default_gguf_path()
-    from .convert import convert
+    return convert_once(default_gguf_path(), target)
 
+
+def convert_once(source: Path, target: Path) -> Path:
+    """Convert ``source`` into ``target`` (an offline model's folder under MLXQ_HOME).
+
+    The folder only ever appears complete (``convert`` writes through
+    ``output_files.writing_folder``: a temporary sibling, renamed at the end, removed on
+    any failure, Ctrl-C or SIGTERM), so its config.json existing means it is ready. Two
+    processes racing both convert; the loser finds the winner's folder and uses it.
+    """
     try:
-        convert(gguf, target, progress=sys.stderr.isatty())
+        convert(source, target, progress=sys.stderr.isatty())
     except MlxqError:
         if (target / "config.json").exists():
             return target

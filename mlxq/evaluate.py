@@ -9,7 +9,6 @@ only that step's log-probabilities exist, reduced at once to per-token NLL, KL d
 and top-1 agreement, so nothing of size (tokens x vocab) is ever kept.
 """
 
-import argparse
 import itertools
 import json
 import math
@@ -23,7 +22,7 @@ import numpy as np
 from mlx import nn
 
 from .cache import cache_class, make_cache
-from .errors import MlxqError, cli_main
+from .errors import ArgumentParser, MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
 from .output_files import check_output_file, write_text_file
 from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
@@ -257,8 +256,8 @@ def format_table(report: dict) -> str:
 
 
 # --- command line ----------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m mlxq.evaluate",
         description="KV-cache quality: perplexity, KL divergence and top-1 agreement of "
                     "quantized KV caches against the full-precision cache, scored in "
@@ -273,19 +272,20 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"tokens per window (default {DEFAULT_CONTEXT})")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"consecutive windows, each from an empty cache (default {DEFAULT_WINDOWS})")
-    p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4], choices=(16, 8, 4),
+    # Defaults are applied in _formats, so that a flag given with --formats is detected.
+    p.add_argument("--kv-bits", type=int, nargs="+", default=None, choices=(16, 8, 4),
                    help="quantized formats to compare with the full-precision cache "
                         "(default: 8 4)")
-    p.add_argument("--kv-group-size", type=int, nargs="+", default=[DEFAULT_GROUP_SIZE],
+    p.add_argument("--kv-group-size", type=int, nargs="+", default=None,
                    choices=(32, 64, 128),
                    help=f"group sizes (default: {DEFAULT_GROUP_SIZE}); every bits x group x "
                         "rotation x recent is run")
-    p.add_argument("--rotation", choices=("on", "off", "both"), default="on",
+    p.add_argument("--rotation", choices=("on", "off", "both"), default=None,
                    help="Hadamard rotation of q/k/v for the quantized formats (default: on)")
-    p.add_argument("--kv-recent", type=int, nargs="+", default=[DEFAULT_RECENT], metavar="N",
+    p.add_argument("--kv-recent", type=int, nargs="+", default=None, metavar="N",
                    help="newest tokens kept in full precision (default: "
                         f"{DEFAULT_RECENT}; 0 = quantize every token)")
-    p.add_argument("--kv-sink", type=int, nargs="+", default=[DEFAULT_SINK], metavar="N",
+    p.add_argument("--kv-sink", type=int, nargs="+", default=None, metavar="N",
                    help=f"first tokens kept in full precision (default: {DEFAULT_SINK})")
     p.add_argument("--rotation-seed", type=int, default=0)
     p.add_argument("--formats", nargs="+", metavar="NAME",
@@ -306,16 +306,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _formats(args) -> list:
+    given = {"--kv-bits": args.kv_bits, "--kv-group-size": args.kv_group_size,
+             "--rotation": args.rotation, "--kv-recent": args.kv_recent,
+             "--kv-sink": args.kv_sink}
     if args.formats:
+        for flag, value in given.items():
+            if value is not None:
+                raise MlxqError(f"{flag} does not combine with --formats, which names each "
+                                "format in full; give one or the other")
         return [parse_format(n, args.rotation_seed) for n in args.formats]
-    rotations = {"on": (True,), "off": (False,), "both": (False, True)}[args.rotation]
+    from .kv_flags import check_quantized_only
+
+    kv_bits = args.kv_bits or [8, 4]
+    del given["--kv-bits"]
+    check_quantized_only(kv_bits, **given)
+    rotations = {"on": (True,), "off": (False,), "both": (False, True)}[args.rotation or "on"]
     out = []
-    for bits in args.kv_bits:
+    for bits in kv_bits:
         if bits == 16:
             continue
-        for group in args.kv_group_size:
+        for group in args.kv_group_size or [DEFAULT_GROUP_SIZE]:
             cache_class(bits, group)  # the cache's own message for unsupported values
-            for recent, sink in itertools.product(args.kv_recent, args.kv_sink):
+            for recent, sink in itertools.product(args.kv_recent or [DEFAULT_RECENT],
+                                                  args.kv_sink or [DEFAULT_SINK]):
                 if min(recent, sink) < 0:
                     raise MlxqError("--kv-recent and --kv-sink must be at least 0")
                 out += [KVFormat(bits, group, rot, args.rotation_seed, recent, sink)
@@ -334,12 +347,26 @@ def encode_text(tokenizer, text: str, n_tokens: int) -> list:
         chars *= 2
 
 
+def _same_file(a, b) -> bool:
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return a.exists() and b.exists() and a.samefile(b) or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 @cli_main
 def main(argv=None):
     args = _parser().parse_args(argv)
+    from .backend import kernel_backend
+
+    kernel_backend()  # a bad MLXQ_KERNELS is reported at once
     check_settings(args.context, args.windows, args.prefill, args.step)
     if args.json_path:
         check_output_file(args.json_path, args.force)  # before a run of minutes, not after
+        if args.text_file and _same_file(args.json_path, args.text_file):
+            raise MlxqError(f"--json {args.json_path} is the --text-file itself; the report "
+                            "would overwrite the text; choose another path")
     formats = _formats(args)
     if not formats:
         raise MlxqError("no quantized format to compare: give --kv-bits 8 and/or 4")
@@ -347,9 +374,12 @@ def main(argv=None):
 
     source = args.text_file or args.corpus
     text = read_text_file(args.text_file) if args.text_file else load_text(args.corpus)
+    from .kv_flags import check_model_heads
     from .loading import load_for_cli
 
     model, tokenizer = load_for_cli(args.model)
+    check_model_heads(model, sorted({f.group_size for f in formats}),
+                      "it has no quantized KV format to evaluate")
     from .backend import metal_available
     from .generate import context_length
 

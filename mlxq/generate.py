@@ -3,7 +3,6 @@
 The module itself is callable: ``mlxq.generate(model, tokenizer, prompt, **options)``.
 """
 
-import argparse
 import contextlib
 import operator
 import sys
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import cache_class, cache_fp16_nbytes, cache_nbytes, make_cache
-from .errors import MlxqError, cli_main
+from .errors import ArgumentParser, MlxqError, cli_main
 from .sampling import make_sampler
 
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
@@ -70,13 +69,65 @@ def _quiet_transformers():
 def encode_prompt(tokenizer, prompt, system=None, chat_template=True) -> list[int]:
     """Token ids of ``prompt`` (text, wrapped in the chat template if there is one, or ids)."""
     if isinstance(prompt, str):
+        for what, text in (("prompt", prompt), ("system message", system)):
+            if text is not None and not isinstance(text, str):
+                raise MlxqError(f"the {what} must be text, got {type(text).__name__}")
+            if text is not None and not is_utf8_text(text):
+                raise MlxqError(f"the {what} is not valid UTF-8 text")
         with _quiet_transformers():
             return _encode_text(tokenizer, prompt, system, chat_template)
-    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    if isinstance(prompt, (bytes, bytearray)) or prompt is None:
+        raise MlxqError("the prompt must be text or a list of integer token ids, got "
+                        f"{type(prompt).__name__}")
     try:
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
         return [operator.index(t) for t in ids]  # ints, numpy ints; not floats
     except TypeError:
         raise MlxqError("a prompt given as tokens must be a list of integer ids") from None
+
+
+def is_utf8_text(text: str) -> bool:
+    """False for text holding lone surrogates: what Python makes of bytes that are not
+    UTF-8 in argv (and tokenizers cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_prompt_stdin() -> str:
+    """stdin as UTF-8 text (one clear error otherwise, not a decoding traceback)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in place by a caller (tests, notebooks)
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MlxqError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: "
+                        f"{data[e.start:e.start + 1]!r})") from None
+
+
+def vocab_size(model) -> int | None:
+    """Rows of the model's embedding, as its config says (None: unknown)."""
+    value = getattr(getattr(model, "args", None), "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_token_ids(ids: list[int], model, from_text: bool) -> None:
+    """Every id must index the embedding: one outside reads out of bounds in native code
+    (a crash, or silently wrong output)."""
+    n = vocab_size(model)
+    if n is None:
+        return
+    bad = next((t for t in ids if not 0 <= t < n), None)
+    if bad is None:
+        return
+    if from_text:
+        raise MlxqError(f"the tokenizer produced token id {bad}, outside the model's "
+                        f"vocabulary of {n} tokens: the tokenizer does not fit this model")
+    raise MlxqError(f"token id {bad} is outside the model's vocabulary [0, {n})")
 
 
 def _encode_text(tokenizer, prompt, system, chat_template):
@@ -144,14 +195,14 @@ def stream_generate(
     Stops at any of ``tokenizer.eos_token_ids`` (finish_reason "stop") or after
     ``max_tokens`` tokens or at the model's context length ("length").
     """
-    if max_tokens < 1:
-        raise MlxqError(f"max_tokens must be at least 1, got {max_tokens}")
-    if prefill_step_size < 1:
-        raise MlxqError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+    for name, value in (("max_tokens", max_tokens), ("prefill_step_size", prefill_step_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MlxqError(f"{name} must be an integer of at least 1, got {value!r}")
     sampler = make_sampler(temp, top_p, seed)
     prompt_ids = encode_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
     if not prompt_ids:
         raise MlxqError("the prompt is empty")
+    check_token_ids(prompt_ids, model, from_text=isinstance(prompt, str))
     ctx = context_length(model)
     if ctx is not None:
         if len(prompt_ids) > ctx:
@@ -160,7 +211,10 @@ def stream_generate(
             )
         # The last generated token is never fed back, hence + 1.
         max_tokens = min(max_tokens, ctx - len(prompt_ids) + 1)
-    caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
+    try:
+        caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
+    except TypeError as e:  # an unknown or ill-typed cache option
+        raise MlxqError(f"bad KV cache option: {e}") from None
 
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
@@ -222,8 +276,8 @@ def _format_stats(r: GenerationResponse) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m mlxq.generate", description="Generate text with an mlxq model."
     )
     p.add_argument("--model", help="model folder or hub id (default: SmolLM2-135M-Instruct)")
@@ -235,7 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
-    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
+    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4),
+                   help="KV cache bits: 16 = full precision (default); the --kv-* options "
+                        "below apply to 8 and 4 only")
     p.add_argument("--kv-group-size", type=int, default=None, choices=(32, 64, 128),
                    help="quantized KV group size (default: 64, see docs/quality.md)")
     p.add_argument("--kv-recent", type=int, default=None, metavar="N",
@@ -254,22 +310,35 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = _parser().parse_args(argv)
     # Cheap checks first, before loading anything.
+    from .backend import kernel_backend
+
+    kernel_backend()  # a bad MLXQ_KERNELS is reported at once, whatever the cache
     if args.max_tokens < 1:
         raise MlxqError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.prefill_step_size < 1:
         raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
     make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
     cache_class(args.kv_bits, args.kv_group_size or 64)
+    from .kv_flags import check_model_heads, check_quantized_only
+
+    check_quantized_only([args.kv_bits], **{
+        "--kv-group-size": args.kv_group_size, "--kv-recent": args.kv_recent,
+        "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation})
     for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
         if n is not None and n < 0:
             raise MlxqError(f"{flag} must be at least 0, got {n}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt_stdin() if args.prompt == "-" else args.prompt
+    for what, text in (("--prompt", prompt), ("--system", args.system)):
+        if text is not None and not is_utf8_text(text):
+            raise MlxqError(f"{what} is not valid UTF-8 text")
     if not prompt.strip():
         raise MlxqError("the prompt is empty")
 
     from .loading import load_for_cli
 
     model, tokenizer = load_for_cli(args.model)
+    if args.kv_bits != 16:
+        check_model_heads(model, [args.kv_group_size or 64], "use --kv-bits 16")
     last = None
     for last in stream_generate(
         model, tokenizer, prompt,

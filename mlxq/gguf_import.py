@@ -330,7 +330,8 @@ def read_weights(model: GGUFModel, progress: bool = False) -> dict:
 
     out = {}
     tensors = [t for t in model.reader.tensors if t.name != "rope_freqs.weight"]
-    for t in tqdm(tensors, desc="reading GGUF", unit="tensor", disable=not progress):
+    for t in tqdm(tensors, desc="reading GGUF", unit="tensor", disable=not progress,
+                  leave=False):
         name = mlx_name(t.name, model.arch)
         module, _, suffix = name.rpartition(".")
         n_heads = next((h for key, h in unpermute.items() if module.endswith(key)), None)

@@ -28,9 +28,13 @@ class Sampler:
     """Callable ``sampler(logits) -> tokens``; seeded samplers draw a reproducible sequence."""
 
     def __init__(self, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        for name, value in (("temperature", temp), ("top-p", top_p)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise MlxqError(f"{name} must be a number, got {value!r}")
         if not (temp >= 0 and math.isfinite(temp)):  # also rejects NaN
             raise MlxqError(f"temperature must be a finite number >= 0, got {temp}")
-        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)
+                                     and 0 <= seed < 2**64):
             raise MlxqError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         if not 0 < top_p <= 1:
             raise MlxqError(f"top-p must be in (0, 1], got {top_p}")

@@ -70,12 +70,13 @@ def cases(tmp_path_factory):
         "bad q-bits": ([str(good), "--q-bits", "3"], "--q-bits"),
         "group does not divide": ([str(good), "--q-group-size", "64"], "model.embed_tokens"),
         "bad dtype": ([str(good), "--dtype", "int8"], "dtype"),
-        "existing output": ([str(good), "--mlx-path", str(existing)], "already exists"),
-        # --force deletes only what is clearly a model folder (or empty).
+        # Not mlxq's output: no advice to pass --force, which would not help.
+        "existing output": ([str(good), "--mlx-path", str(existing)], "not written by mlxq"),
+        # --force replaces only a folder mlxq wrote (or an empty one).
         "force on a non-model folder": ([str(good), "--mlx-path", str(existing), "--force"],
-                                        "refusing to replace"),
+                                        "not written by mlxq"),
         "force onto the source": ([str(good), "--mlx-path", str(good), "--force"],
-                                  "the source itself"),
+                                  "is inside --mlx-path"),
         "output under a file": ([str(good), "--mlx-path", str(not_gguf / "out")],
                                 "is not a folder"),
         "empty output path": ([str(good), "--mlx-path", ""], "--mlx-path is empty"),
@@ -126,7 +127,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, hf_checkpoint, monkeypa
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_check_complete", boom)
+    monkeypatch.setattr("mlxq.weight_check.check_weights", boom)
     with pytest.raises(KeyboardInterrupt):
         conv.convert(src, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-llama"]

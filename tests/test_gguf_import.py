@@ -227,7 +227,7 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
 def test_default_model_race_uses_the_winners_folder(tmp_path, tiny_llama, monkeypatch):
     """Two processes converting at once: the one that loses the final rename uses the
     folder the other one published, and leaves no temporary folder behind."""
-    import mlxq.convert as conv
+    import mlxq.output_files as output_files
     from mlxq import default_model
 
     config, weights = tiny_llama
@@ -236,14 +236,14 @@ def test_default_model_race_uses_the_winners_folder(tmp_path, tiny_llama, monkey
     home = tmp_path / "home"
     monkeypatch.setenv("MLXQ_HOME", str(home))
     target = home / "models" / default_model.DEFAULT_MODEL_NAME
-    real_publish = conv._publish
+    real_publish = output_files._publish
 
     def other_process_wins(tmp, out, force):
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
         real_publish(tmp, out, force)
 
-    monkeypatch.setattr(conv, "_publish", other_process_wins)
+    monkeypatch.setattr(output_files, "_publish", other_process_wins)
     assert default_model.default_model_path() == target
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     assert [p.name for p in target.iterdir()] == ["config.json"]  # the winner's, untouched

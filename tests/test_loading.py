@@ -140,5 +140,5 @@ def test_default_model_is_reused(default_model_dir, monkeypatch):
     from mlxq import default_model
 
     monkeypatch.setenv("MLXQ_HOME", str(default_model_dir.parent.parent))
-    monkeypatch.setattr("mlxq.convert.convert", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr("mlxq.default_model.convert", lambda *a, **k: pytest.fail("converted again"))
     assert default_model.default_model_path() == default_model_dir

@@ -67,7 +67,8 @@ def build(config: dict):
     model_cls, args_cls = model_classes(config)
     try:
         return model_cls(args_cls.from_dict(config))
-    except (TypeError, KeyError, ValueError, AssertionError) as e:
+    except (TypeError, KeyError, ValueError, AssertionError, AttributeError, IndexError,
+            ZeroDivisionError) as e:
         raise MlxqError(
             f"config.json does not describe a valid {config['model_type']} model: "
             f"{type(e).__name__}: {e}"
@@ -77,9 +78,15 @@ def build(config: dict):
 def _bridged(model_cls):
     if model_cls not in _BRIDGED:
         def __call__(self, inputs, cache=None, **kwargs):
-            if cache is not None:
-                cache = layer_views(cache)
-            return model_cls.__call__(self, inputs, cache=cache, **kwargs)
+            if cache is None:
+                return model_cls.__call__(self, inputs, cache=None, **kwargs)
+            views = layer_views(cache)
+            out = model_cls.__call__(self, inputs, cache=views, **kwargs)
+            if any(isinstance(v, LayerCache) and v._new is not None for v in views):
+                # Keys handed to a quantized cache were never attended through it.
+                raise MlxqError(f"{_model_type(self)} cannot use the quantized KV cache: "
+                                f"{OWN_ATTENTION_REASON}; use kv_bits=16")
+            return out
 
         _BRIDGED[model_cls] = type(model_cls.__name__, (model_cls,), {
             "__call__": __call__,
@@ -198,6 +205,8 @@ def layer_views(caches) -> list:
 
 SINKS_REASON = ("its attention layers add learned attention sinks, which mlxq's quantized "
                 "attention kernel does not apply yet")
+OWN_ATTENTION_REASON = ("its layers compute attention themselves instead of calling mlx-lm's "
+                        "shared scaled_dot_product_attention, where the quantized cache plugs in")
 MLA_REASON = ("multi-head latent attention (MLA) caches a compressed latent shared by all "
               "heads, not per-head keys and values")
 _STATE_REASONS = {
@@ -235,6 +244,20 @@ def window_cache(max_size: int, keep: int = 0):
     return _WINDOW_CLASS(max_size=max_size, keep=keep)
 
 
+def _model_type(model) -> str:
+    return getattr(model, "model_type", None) or type(model).__mro__[1].__module__.rsplit(".", 1)[-1]
+
+
+def _routes_attention(model) -> bool:
+    """Whether some module class of ``model`` comes from an mlx-lm module whose attention
+    call is routed here (models computing attention themselves, e.g. gemma2, are not)."""
+    for _, module in model.named_modules():
+        source = sys.modules.get(type(module).__module__)
+        if getattr(source, "scaled_dot_product_attention", None) is _attention:
+            return True
+    return False
+
+
 def _has_sinks(model) -> bool:
     return any(name.endswith("sinks") for name, _ in _named_arrays(model))
 
@@ -252,7 +275,7 @@ def place_kv_caches(model, kv_bits: int, layer_caches) -> list:
     from mlx_lm.models.cache import KVCache as MlxLmKVCache, RotatingKVCache
 
     quantized = kv_bits != 16
-    model_type = getattr(model, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
+    model_type = _model_type(model)
 
     def refuse(why):
         raise MlxqError(f"{model_type} cannot use the quantized KV cache (kv_bits={kv_bits}): "
@@ -272,6 +295,8 @@ def place_kv_caches(model, kv_bits: int, layer_caches) -> list:
                 refuse(f"layer {i} keeps {why}")
         if len(theirs) != len(model.layers):
             refuse("its layers do not each keep one key/value cache")
+        if not _routes_attention(model):
+            refuse(OWN_ATTENTION_REASON)
     if len(theirs) != len(model.layers):
         return theirs
     placed = []

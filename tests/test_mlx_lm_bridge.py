@@ -159,3 +159,57 @@ def test_layers_without_key_value_state_refuse_the_quantized_cache():
 def test_unknown_architecture_is_one_clear_error():
     with pytest.raises(MlxqError, match="not known to mlxq or to mlx-lm"):
         build_model({"model_type": "no_such_arch", **BASE})
+
+
+def test_models_computing_attention_themselves_refuse_the_quantized_cache():
+    """gemma2's layers call mx.fast SDPA directly: a quantized cache there would silently
+    attend to the new tokens only. It is refused; the full-precision cache matches mlx-lm."""
+    config = {"model_type": "gemma2", **BASE, "query_pre_attn_scalar": 64,
+              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    mx.random.seed(7)
+    theirs = _reference(config)
+    ours = build_model(config)
+    ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
+    with pytest.raises(MlxqError, match="compute attention themselves"):
+        make_cache(ours, kv_bits=4)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.array(_run(ours, make_cache(ours), tokens)),
+                               np.array(_run(theirs, _their_caches(theirs), tokens)),
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_a_quantized_cache_never_silently_skipped():
+    """If a model's attention bypasses the routed call anyway, the call fails loudly."""
+    from mlxq import mlx_lm_bridge
+
+    ours, _ = _pair("olmo2")
+    caches = make_cache(ours, kv_bits=4)
+    module = __import__(type(ours).__mro__[1].__module__, fromlist=["x"])
+    original = module.scaled_dot_product_attention
+    module.scaled_dot_product_attention = mlx_lm_bridge._ORIGINAL
+    try:
+        with pytest.raises(MlxqError, match="compute attention themselves"):
+            ours(_tokens()[:, :4], cache=caches)
+    finally:
+        module.scaled_dot_product_attention = original
+
+
+def test_multi_head_latent_attention_refuses_the_quantized_cache():
+    config = {"model_type": "deepseek_v2", "vocab_size": VOCAB, "hidden_size": 64,
+              "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
+              "n_routed_experts": 4, "num_experts_per_tok": 2, "kv_lora_rank": 32,
+              "q_lora_rank": None, "qk_rope_head_dim": 16, "v_head_dim": 32,
+              "qk_nope_head_dim": 32, "first_k_dense_replace": 1, "max_position_embeddings": 256,
+              "rope_scaling": {"type": "yarn", "factor": 1, "mscale": 1, "mscale_all_dim": 0,
+                               "original_max_position_embeddings": 256}}
+    mx.random.seed(7)
+    theirs = _reference(config)
+    ours = build_model(config)
+    ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
+    with pytest.raises(MlxqError, match="multi-head latent attention"):
+        make_cache(ours, kv_bits=4)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.array(_run(ours, make_cache(ours), tokens)),
+                               np.array(_run(theirs, _their_caches(theirs), tokens)),
+                               atol=2e-4, rtol=2e-4)

@@ -9,8 +9,8 @@ that many tokens and their ``nbytes`` summed, against two float16 baselines:
 
 Sliding-window caches are weighed as float16 (what they hold on the GPU; the CPU backend
 computes in float32). Filling does not run a 32K-token prefill: the quantized caches get
-the stored tokens through ``state`` (as ``load_cache`` does) and then one decode step, the
-window caches their last ``window`` tokens; every figure is the caches' own ``nbytes``.
+the tokens through their write path (``append``) without attention, the window caches
+their last ``window`` tokens; every figure is the caches' own ``nbytes``.
 
     python benchmarks/kv_bytes.py                      # Gemma-3-270M's shapes, 4K and 32K
     python benchmarks/kv_bytes.py --model PATH --contexts 4096,32768 --json out.json
@@ -49,7 +49,15 @@ def _kv(n_kv, n, d, key):
 
 
 def _fill_quantized(cache, tokens, n_kv, d, n_q):
-    """Lay out ``tokens - 1`` stored tokens as a live cache holds them, then decode one."""
+    """Store ``tokens`` tokens in a quantized cache without computing attention."""
+    if hasattr(cache, "append"):  # the cache's own write path (main's fused decode step)
+        for start in range(0, tokens, 4096):
+            n = min(4096, tokens - start)
+            cache.append(_kv(n_kv, n, d, 2 * start), _kv(n_kv, n, d, 2 * start + 1))
+        mx.eval(cache.store, cache.fp)
+        return
+    # Caches without append (before main's fused decode step; drop this path after the
+    # merge): lay out tokens - 1 stored tokens as a live cache holds them, decode one.
     stored = tokens - 1
     sink = min(cache.sink, stored)
     window = min(cache.recent, stored - sink)

@@ -139,7 +139,10 @@ def _is_full_precision(cache) -> bool:
 
 
 def _is_mlxq_cache(cache) -> bool:
-    return hasattr(cache, "attend") and not isinstance(cache, LayerCache)
+    from .cache import KVCache
+    from .quantized_cache import QuantizedKVCache
+
+    return isinstance(cache, (KVCache, QuantizedKVCache))
 
 
 class LayerCache:

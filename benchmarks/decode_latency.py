@@ -11,7 +11,6 @@ their timings and memory are those of the real shapes. mlx-lm's cache runs insid
 mlxq model (mlxq's ``attend`` accepts mlx-lm caches), so the caches are the only difference.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path

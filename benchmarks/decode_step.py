@@ -134,9 +134,7 @@ def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False
     trace: nothing is computed, and Metal kernels record without Metal (a cache that picks
     its backend when made can be made under ``tracing_metal()``). ``evaluate`` computes
     the contents chunk by chunk instead (for timing real steps)."""
-    a = model.args
     d = model.head_dim
-    q = mx.zeros((1, a.num_attention_heads, 1, d), dtype=dtype)
 
     def fill():
         chunk = 0

@@ -128,11 +128,22 @@ def make_cache(model, config: KVCacheConfig | None = None, *, backend: str | Non
     """One cache per layer of ``model`` (mlx-lm's ``make_prompt_cache``): ``KVCache`` for 16
     bits, ``QuantizedKVCache`` for 8/4. Options as a ``KVCacheConfig`` or as keywords:
     ``kv_bits``, ``kv_group_size``, ``kv_rotation``, ``kv_recent``, ``kv_sink``,
-    ``rotation_seed`` (None = the default). The kernel backend is resolved here, once."""
+    ``rotation_seed`` (None = the default). The kernel backend is resolved here, once.
+
+    A model with a ``place_kv_caches(kv_bits, layer_caches)`` method (mlx-lm architectures,
+    see mlx_lm_bridge.py) then picks what each layer really gets (sliding-window layers a
+    window-bounded cache) or refuses the quantized cache with a clear error."""
     if config is None:
         config = config_from_options(**options)
     elif options:
         raise TypeError("pass either a KVCacheConfig or keyword options, not both")
+    place = getattr(model, "place_kv_caches", None)
+    if place is not None:
+        return place(config.bits, lambda: _layer_caches(model, config, backend))
+    return _layer_caches(model, config, backend)
+
+
+def _layer_caches(model, config: KVCacheConfig, backend) -> list:
     if not config.quantized:
         return [KVCache(step=config.step) for _ in model.layers]
     # Fail before any work when the model's heads do not fit the quantized layout.

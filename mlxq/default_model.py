@@ -35,13 +35,7 @@ def default_gguf_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """The converted default model folder, converting it on first use.
-
-    The folder only ever appears complete (``convert`` writes through
-    ``output_files.writing_folder``: a temporary sibling, renamed at the end, removed on
-    any failure, Ctrl-C or SIGTERM), so its config.json existing means it is ready. Two processes racing
-    both convert; the loser finds the winner's folder and uses it.
-    """
+    """The converted default model folder, converting it on first use (``convert_once``)."""
     target = mlxq_home() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
         try:
@@ -49,9 +43,19 @@ def default_model_path() -> Path:
         except MlxqError as e:  # damaged since (files deleted, disk trouble)
             raise MlxqError(f"{e}; remove {target} to convert the default model again") from None
         return target
-    gguf = default_gguf_path()
+    return convert_once(default_gguf_path(), target)
+
+
+def convert_once(source: Path, target: Path) -> Path:
+    """Convert ``source`` into ``target`` (an offline model's folder under MLXQ_HOME).
+
+    The folder only ever appears complete (``convert`` writes through
+    ``output_files.writing_folder``: a temporary sibling, renamed at the end, removed on
+    any failure, Ctrl-C or SIGTERM), so its config.json existing means it is ready. Two
+    processes racing both convert; the loser finds the winner's folder and uses it.
+    """
     try:
-        convert(gguf, target, progress=sys.stderr.isatty())
+        convert(source, target, progress=sys.stderr.isatty())
     except MlxqError:
         if (target / "config.json").exists():
             return target

@@ -2,9 +2,15 @@
 
 Q4_0 / Q4_1 / Q8_0 tensors map exactly onto MLX's affine quantization (group 32, one
 fp16 scale and bias per group), so they are repacked without loss and keep their bits and
-group size. Every other type is dequantized to float (``gguf.quants``) for the caller to
-re-quantize. llama-architecture Q/K rows are in llama.cpp's interleaved rotary order and
-are un-permuted back to the Hugging Face (rotate-half) order.
+group size. Every other type (K-quants, Q5_0/Q5_1, IQ*, ...) is dequantized to float with
+the ``gguf`` package's own dequantizers for the caller to re-quantize. llama-architecture
+Q/K rows are in llama.cpp's interleaved rotary order and are un-permuted back to the
+Hugging Face (rotate-half) order.
+
+Gemma 3: llama.cpp's converter stores every RMSNorm weight as ``1 + w`` (Gemma computes
+``x * (1 + w)``; llama.cpp's norm multiplies by the stored weight), so we subtract 1 to get
+the Hugging Face / mlx-lm value back. Its sliding-window pattern (every 6th layer global)
+and local RoPE base (10000) are fixed by llama.cpp for the architecture, not stored.
 """
 
 import os
@@ -20,7 +26,11 @@ ARCHS = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
+# llama.cpp's fixed Gemma 3 settings (src/llama-model.cpp), absent from the metadata.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_NAMES = {
@@ -36,21 +46,42 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms per block: the FFN norms sit before and after the MLP.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_BLOCK_NAMES = {"gemma3": _GEMMA_BLOCK_NAMES}
 # GGML type name -> bits of the lossless MLX affine equivalent (all group 32).
 NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 NATIVE_GROUP = 32
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-def mlx_name(gguf_name: str) -> str | None:
+def mlx_name(gguf_name: str, arch: str = "llama") -> str | None:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None: unknown)."""
     module, _, suffix = gguf_name.rpartition(".")
     if module in _TOP_NAMES:
         return f"{_TOP_NAMES[module]}.{suffix}"
+    names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     parts = module.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     return None
+
+
+def readable_type(kind: str) -> bool:
+    """Whether a GGML tensor type can be imported (natively or via gguf's dequantizers)."""
+    from gguf import GGMLQuantizationType, quants
+
+    if kind in FLOAT_TYPES or kind in NATIVE_BITS:
+        return True
+    traits = getattr(quants, "_type_traits", None)
+    if traits is None:  # a gguf release without the table: let dequantize decide later
+        return True
+    return GGMLQuantizationType[kind] in traits
 
 
 def unpermute_rows(a: np.ndarray, n_heads: int) -> np.ndarray:
@@ -202,6 +233,8 @@ def _config(arch: str, meta: dict, tensors: dict) -> dict:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    if arch == "gemma3":
+        config.update(_gemma3_config(config, get))
     scaling_type = get("rope.scaling.type")
     if scaling_type == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
@@ -211,6 +244,22 @@ def _config(arch: str, meta: dict, tensors: dict) -> dict:
         freqs = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
         config["rope_scaling"] = _llama3_rope_scaling(freqs, head_dim, config["rope_theta"])
     return config
+
+
+def _gemma3_config(config: dict, get) -> dict:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers,
+    # hidden 5376), which uses hidden / heads: the HF config's query_pre_attn_scalar.
+    scalar = hidden // heads if (config["num_hidden_layers"], hidden) == (62, 5376) else config["head_dim"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(get("attention.sliding_window", 512)),
+        "sliding_window_pattern": GEMMA3_SLIDING_WINDOW_PATTERN,
+        "rope_local_base_freq": _f32(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    }
 
 
 def open_gguf(path) -> GGUFModel:
@@ -234,10 +283,12 @@ def open_gguf(path) -> GGUFModel:
     for name, t in tensors.items():
         if name == "rope_freqs.weight":
             continue
-        target = mlx_name(name)
+        target = mlx_name(name, arch)
         if target is None:
             raise MlxqError(f"{path}: unexpected tensor {name!r} for architecture {arch}")
         kind = t.tensor_type.name
+        if not readable_type(kind):
+            raise MlxqError(f"{path}: tensor {name} has GGUF type {kind}, which cannot be imported")
         if kind in NATIVE_BITS and target.endswith(".weight"):
             model.native[target[: -len(".weight")]] = {
                 "group_size": NATIVE_GROUP,
@@ -274,15 +325,21 @@ def read_weights(model: GGUFModel, progress: bool = False) -> dict:
     if model.arch == "llama":  # qwen archs use NEOX rope in llama.cpp: rows not permuted
         unpermute = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}
 
+    # Gemma: llama.cpp stored 1 + w for every RMSNorm weight (see the module docstring).
+    norm_offset = 1.0 if model.arch == "gemma3" else 0.0
+
     out = {}
     tensors = [t for t in model.reader.tensors if t.name != "rope_freqs.weight"]
     for t in tqdm(tensors, desc="reading GGUF", unit="tensor", disable=not progress,
                   leave=False):
-        name = mlx_name(t.name)
+        name = mlx_name(t.name, model.arch)
         module, _, suffix = name.rpartition(".")
         n_heads = next((h for key, h in unpermute.items() if module.endswith(key)), None)
+        is_norm = norm_offset and t.name.endswith("norm.weight")
 
-        def fix(a, n_heads=n_heads):
+        def fix(a, n_heads=n_heads, is_norm=is_norm):
+            if is_norm:
+                a = a - np.asarray(norm_offset, dtype=a.dtype)
             return unpermute_rows(a, n_heads) if n_heads else a
 
         kind = t.tensor_type.name

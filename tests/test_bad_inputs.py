@@ -89,6 +89,37 @@ BAD_CONFIGS = {
 }
 
 
+def _other_arch_gguf(path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _mamba_folder(folder):
+    """A float mlx-lm mamba model (SSM layers: no keys/values to quantize)."""
+    from mlx.utils import tree_flatten
+
+    from conftest import write_tiny_tokenizer
+    from mlxq.models import build_model
+
+    config = {"model_type": "mamba", "vocab_size": 320, "hidden_size": 64,
+              "intermediate_size": 128, "state_size": 8, "num_hidden_layers": 2,
+              "conv_kernel": 4, "use_bias": False, "use_conv_bias": True, "time_step_rank": 8,
+              "tie_word_embeddings": True, "eos_token_id": 0}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        dict(tree_flatten(build_model(config).parameters())))
+    write_tiny_tokenizer(folder)
+
+
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     from mlxq.convert import convert
@@ -140,6 +171,14 @@ def sandbox(tmp_path_factory):
     (shutil.copytree(mlx, root / "mlx-deep-config") / "config.json").write_text("[" * 100000)
     (shutil.copytree(mlx, root / "mlx-index-list")
      / "model.safetensors.index.json").write_text('{"weight_map": []}')
+    # GGUFs mlxq cannot import: another architecture, a tensor type nothing dequantizes.
+    write_tiny_gguf(root / "int32-tensor.gguf", CONFIG, weights, {"blk.0.attn_norm.weight": "I32"})
+    _other_arch_gguf(root / "mamba.gguf")
+    # An architecture neither mlxq nor mlx-lm knows; one whose layers keep SSM state.
+    _config_variant(root, hf, "hf-unknown-arch", model_type="no_such_arch")
+    _config_variant(root, mlx, "mlx-unknown-arch", model_type="no_such_arch")
+    _mamba_folder(root / "mlx-mamba")
+
     (root / "text.txt").write_text(TEXT)
     (root / "binary.bin").write_bytes(bytes(range(256)) * 8)
     (root / "utf16.txt").write_text(TEXT, encoding="utf-16")
@@ -219,6 +258,9 @@ CLI_CASES = [
     ("convert", ["--hf-path", "hf", "--mlx-path", "/", "--force"], "inside"),
     ("convert", ["--hf-path", "/work/../nowhere", "--mlx-path", "/", "--force"],
      "not written by mlxq"),
+    ("convert", ["--hf-path", "mamba.gguf"], "GGUF architecture 'mamba' is not supported"),
+    ("convert", ["--hf-path", "int32-tensor.gguf"], "GGUF type I32"),
+    ("convert", ["--hf-path", "hf-unknown-arch"], "not known to mlxq or to mlx-lm"),
     ("convert", ["--hf-path", "hf-big-tokenizer"], "400 tokens"),
     ("convert", ["--hf-path", "hf-broken-tokenizer"], "tokenizer.json"),
     ("convert", ["--hf-path", "hf-broken-tokenizer-config"], "tokenizer_config.json"),
@@ -250,6 +292,10 @@ CLI_CASES = [
     ("generate", ["--model", "model.gguf"], "mlxq.convert"),
     ("generate", ["--model", "text.txt"], "not a model folder"),
     ("generate", ["--model", "mlx-big-tokenizer"], "400 tokens"),
+    ("generate", ["--model", "mlx-unknown-arch"], "not known to mlxq or to mlx-lm"),
+    ("generate", ["--model", "mlx-mamba", "--kv-bits", "4"], "recurrent state"),
+    ("evaluate", ["--model", "mlx-mamba", "--text-file", "text.txt", "--context", "16",
+                  "--windows", "1", "--quiet"], "recurrent state"),
     ("generate", ["--model", "mlx-generation-config-list"], "generation_config.json"),
     ("generate", [*M, "--prompt", "word " * 600, "--max-tokens", "1"], "context"),
     ("generate", ["--model", "mlx-bad-template", "--prompt", "hi"], "chat template"),

@@ -145,6 +145,8 @@ def write_tiny_gguf(path, config, weights, types):
             w.add_tensor(name, arr.astype(np.float32))
         elif kind == "F16":
             w.add_tensor(name, arr.astype(np.float16))
+        elif kind == "I32":  # a type no GGUF importer dequantizes
+            w.add_tensor(name, arr.astype(np.int32))
         else:
             qtype = getattr(T, kind)
             w.add_tensor(name, quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)

@@ -65,11 +65,17 @@ def test_corrupt_config(broken):
 
 
 def test_unsupported_model_type(broken):
+    """A type neither mlxq nor mlx-lm defines; one mlx-lm defines with settings that do
+    not describe it (a llama config called mamba)."""
     config = json.loads((broken / "config.json").read_text())
+    config["model_type"] = "no_such_arch"
+    (broken / "config.json").write_text(json.dumps(config))
+    message = _error(broken)
+    assert "'no_such_arch' is not known to mlxq or to mlx-lm" in message
     config["model_type"] = "mamba"
     (broken / "config.json").write_text(json.dumps(config))
     message = _error(broken)
-    assert "mamba" in message and "llama" in message and "qwen3" in message
+    assert "not describe a valid mamba model" in message and "state_size" in message
 
 
 def test_truncated_safetensors(broken):
@@ -142,3 +148,22 @@ def test_default_model_is_reused(default_model_dir, monkeypatch):
     monkeypatch.setenv("MLXQ_HOME", str(default_model_dir.parent.parent))
     monkeypatch.setattr("mlxq.default_model.convert", lambda *a, **k: pytest.fail("converted again"))
     assert default_model.default_model_path() == default_model_dir
+
+
+def test_tokenizer_loads_for_a_config_transformers_would_reject(hf_checkpoint, tmp_path):
+    """hidden_size 256 with 12 query heads of 128 is a valid model (head_dim need not be
+    hidden / heads); transformers' LlamaConfig validation rejects it, so the tokenizer must
+    load without it."""
+    import mlx.core as mx
+
+    import mlxq
+    from mlxq.convert import convert
+
+    folder, config, _ = hf_checkpoint("llama", hidden_size=256, num_attention_heads=12,
+                                      num_key_value_heads=4, head_dim=128)
+    out = convert(folder, tmp_path / "out", progress=False)
+    model, tok = mlxq.load(out)
+    ids = tok.encode("The quick brown fox")
+    assert tok.decode(ids) == "The quick brown fox"
+    assert model.layers[0].self_attn.q_proj.weight.shape[0] == 12 * 128
+    assert model(mx.array([ids])).shape == (1, len(ids), config["vocab_size"])

@@ -1,4 +1,7 @@
-"""Model definitions and the registry that maps config.json's model_type to them."""
+"""Model definitions and the registry that maps config.json's model_type to them.
+
+mlxq defines the Llama family itself; every other model_type mlx-lm knows is built from
+mlx-lm's definition, routed through mlxq's KV caches (mlxq/mlx_lm_bridge.py)."""
 
 import importlib
 
@@ -38,7 +41,12 @@ def get_classes(model_type):
 
 
 def build_model(config: dict):
-    """An (unquantized, randomly initialised) model for a config.json dict."""
+    """An (unquantized, randomly initialised) model for a config.json dict: mlxq's own
+    definition if it has one, else mlx-lm's (MlxqError if neither knows the type)."""
+    if config.get("model_type") not in _MODULES:
+        from ..mlx_lm_bridge import build
+
+        return build(config)
     model_cls, args_cls = get_classes(config.get("model_type"))
     try:
         args = args_cls.from_dict(config)

@@ -6,6 +6,7 @@ The module itself is callable: ``mlxq.generate(model, tokenizer, prompt, **optio
 import argparse
 import contextlib
 import operator
+import os
 import sys
 import time
 import types
@@ -92,30 +93,42 @@ def _encode_text(tokenizer, prompt, system, chat_template):
     return list(tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
 
 
-def _token_stream(model, prompt_ids, caches, sampler, max_tokens, prefill_step_size):
-    """Yield generated token ids. The next step is queued before the current id is read."""
-    prompt = mx.array(prompt_ids)
-    n_prompt = len(prompt_ids)
+def prefill_chunks(model, prompt_ids, caches, prefill_step_size, start: int = 0):
+    """Feed ``prompt_ids[start:-1]`` into ``caches`` in chunks, yielding after each one.
 
-    # Chunked prefill: all but the last prompt token, evaluating the cache after each
-    # chunk so the graph (and activation memory) stays bounded by prefill_step_size.
-    done = 0
-    while n_prompt - done > 1:
-        n = min(prefill_step_size, n_prompt - 1 - done)
+    The cache is evaluated after every chunk so the graph (and activation memory) stays
+    bounded by ``prefill_step_size``; chunk boundaries depend only on ``start`` and the
+    prompt, so a caller may interleave other work between chunks without changing the
+    numbers. The last prompt token is left for the first ``next_token`` step.
+    """
+    prompt = mx.array(prompt_ids)
+    done = start
+    while len(prompt_ids) - done > 1:
+        n = min(prefill_step_size, len(prompt_ids) - 1 - done)
         model(prompt[None, done : done + n], cache=caches)
         mx.eval([c.state for c in caches])
         mx.clear_cache()
         done += n
+        yield n
 
-    def step(tokens):
-        logits = model(tokens[None], cache=caches)
-        return sampler(logits[:, -1, :])
 
-    y = step(prompt[done:])
+def next_token(model, tokens, caches, sampler):
+    """Feed ``tokens`` (1-D ids) and return the sampled next id, lazily (shape (1,))."""
+    logits = model(tokens[None], cache=caches)
+    return sampler(logits[:, -1, :])
+
+
+def _token_stream(model, prompt_ids, caches, sampler, max_tokens, prefill_step_size, start=0):
+    """Yield generated token ids. The next step is queued before the current id is read.
+    ``caches`` already hold ``prompt_ids[:start]``."""
+    for _ in prefill_chunks(model, prompt_ids, caches, prefill_step_size, start):
+        pass
+
+    y = next_token(model, mx.array(prompt_ids[-1:]), caches, sampler)
     mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_y = step(y)
+            next_y = next_token(model, y, caches, sampler)
             mx.async_eval(next_y)
         yield y.item()
         if n % 256 == 255:
@@ -137,12 +150,15 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     system: str | None = None,
     chat_template: bool = True,
+    prompt_cache=None,
     **kv_options,
 ):
     """Generate from ``prompt`` (text or token ids), yielding ``GenerationResponse`` pieces.
 
     Stops at any of ``tokenizer.eos_token_ids`` (finish_reason "stop") or after
-    ``max_tokens`` tokens or at the model's context length ("length").
+    ``max_tokens`` tokens or at the model's context length ("length"). ``prompt_cache``
+    (an ``mlxq.prompt_cache.PromptCache``, used up) supplies the keys/values of the
+    longest prefix it shares with the prompt; its KV settings replace ``kv_options``.
     """
     if max_tokens < 1:
         raise MlxqError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -160,7 +176,14 @@ def stream_generate(
             )
         # The last generated token is never fed back, hence + 1.
         max_tokens = min(max_tokens, ctx - len(prompt_ids) + 1)
-    caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
+    if prompt_cache is not None:
+        from .prompt_cache import reuse_prefix
+
+        start = reuse_prefix(prompt_cache, prompt_ids)
+        caches = prompt_cache.caches
+    else:
+        start = 0
+        caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
 
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
@@ -189,7 +212,7 @@ def stream_generate(
     token = None
     finish_reason = "length"
     for token in _token_stream(model, prompt_ids, caches, sampler, max_tokens,
-                               prefill_step_size):
+                               prefill_step_size, start):
         n += 1
         if n == 1:
             first_token_time = time.perf_counter()
@@ -235,6 +258,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
+    add_kv_args(p)
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
+    p.add_argument("--prompt-cache-file", default=None, metavar="FILE",
+                   help="a prompt cache written by python -m mlxq.cache_prompt: its longest "
+                        "common prefix with the prompt is not computed again (the KV "
+                        "options must be those it was saved with)")
+    return p
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """The --kv-* flags (generate, cache_prompt and the server take the same ones)."""
     p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
     p.add_argument("--kv-group-size", type=int, default=None, choices=(32, 64, 128),
                    help="quantized KV group size (default: 64, see docs/quality.md)")
@@ -246,8 +280,21 @@ def _parser() -> argparse.ArgumentParser:
                         "KV cache (default: 4)")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
-    return p
+
+
+def kv_options_from_args(args) -> dict:
+    """make_cache's keyword arguments from the --kv-* flags (generate, cache_prompt, server)."""
+    return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
+            "kv_recent": args.kv_recent, "kv_sink": args.kv_sink,
+            "kv_rotation": not args.no_kv_rotation}
+
+
+def check_kv_args(args) -> None:
+    """The --kv-* flags' one-line errors, before anything is loaded."""
+    cache_class(args.kv_bits, args.kv_group_size or 64)
+    for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
+        if n is not None and n < 0:
+            raise MlxqError(f"{flag} must be at least 0, got {n}")
 
 
 @cli_main
@@ -259,10 +306,9 @@ def main(argv=None):
     if args.prefill_step_size < 1:
         raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
     make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
-    cache_class(args.kv_bits, args.kv_group_size or 64)
-    for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
-        if n is not None and n < 0:
-            raise MlxqError(f"{flag} must be at least 0, got {n}")
+    check_kv_args(args)
+    if args.prompt_cache_file is not None and not os.path.isfile(args.prompt_cache_file):
+        raise MlxqError(f"--prompt-cache-file {args.prompt_cache_file}: no such file")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise MlxqError("the prompt is empty")
@@ -270,14 +316,18 @@ def main(argv=None):
     from .loading import load_for_cli
 
     model, tokenizer = load_for_cli(args.model)
+    kv_options = kv_options_from_args(args)
+    prompt_cache = None
+    if args.prompt_cache_file is not None:
+        from .prompt_cache import load_prompt_cache
+
+        prompt_cache = load_prompt_cache(args.prompt_cache_file, model, kv_options)
     last = None
     for last in stream_generate(
         model, tokenizer, prompt,
         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed,
-        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-        kv_recent=args.kv_recent, kv_sink=args.kv_sink, kv_rotation=not args.no_kv_rotation,
         prefill_step_size=args.prefill_step_size, system=args.system,
-        chat_template=not args.ignore_chat_template,
+        chat_template=not args.ignore_chat_template, prompt_cache=prompt_cache, **kv_options,
     ):
         sys.stdout.write(last.text)
         sys.stdout.flush()

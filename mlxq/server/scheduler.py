@@ -129,7 +129,7 @@ class Scheduler:
         self._reserved = 0
         self._stopping = False
         self._thread = None
-        self._stats = {"requests_finished": 0, "requests_cancelled": 0}
+        self._stats = {"requests_finished": 0, "requests_cancelled": 0, "peak_batch": 0}
         self._update_stats()
 
     # --- called from the HTTP side ---------------------------------------------------------
@@ -210,6 +210,7 @@ class Scheduler:
             self._prefill_chunk(prefilling[0])
         decoding = [s for s in self._active if s.decoding]
         if decoding:
+            self._stats["peak_batch"] = max(self._stats["peak_batch"], len(decoding))
             for s, token in zip(decoding, self.decoder.step(decoding)):
                 self._advance(s, token)
 

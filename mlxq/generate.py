@@ -39,6 +39,7 @@ class GenerationResponse:
     kv_nbytes: int
     kv_fp16_nbytes: int | None  # what an fp16 cache of the same capacity would take
     finish_reason: str | None  # None while streaming, then "stop" (EOS) or "length"
+    prompt_cached_tokens: int = 0  # prompt tokens taken from a prompt cache, not computed
 
 
 def context_length(model) -> int | None:
@@ -207,6 +208,7 @@ def stream_generate(
             kv_nbytes=cache_nbytes(caches),
             kv_fp16_nbytes=cache_fp16_nbytes(caches),
             finish_reason=finish_reason,
+            prompt_cached_tokens=start,
         )
 
     token = None
@@ -239,7 +241,9 @@ def _format_stats(r: GenerationResponse) -> str:
     if r.kv_fp16_nbytes:
         kv += f" ({r.kv_nbytes / r.kv_fp16_nbytes:.2f}x fp16)"
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"prompt: {r.prompt_tokens} tokens"
+        f"{f' ({r.prompt_cached_tokens} cached)' if r.prompt_cached_tokens else ''}, "
+        f"{r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
         f"peak memory: {r.peak_memory / 1e6:.1f} MB | {kv}"
     )

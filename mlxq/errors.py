@@ -17,8 +17,9 @@ def _program_name(module: str) -> str:
     """``mlxq.generate`` also when run as ``python -m mlxq.generate`` (module ``__main__``)."""
     if module == "__main__":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        return spec.name if spec is not None else "mlxq"
-    return module
+        module = spec.name if spec is not None else "mlxq"
+    # A package run with -m (python -m mlxq.server) is named by the package.
+    return module.removesuffix(".__main__")
 
 
 def cli_main(func):

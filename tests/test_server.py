@@ -439,3 +439,63 @@ def test_parse_chat_developer_role_and_text_parts():
     assert seen == [[{"role": "system", "content": "be brief"},
                      {"role": "user", "content": "ab"}]]
     assert params.max_tokens == 91  # clamped to the context: 100 - 10 + 1
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_command_line_serves_and_stops_on_ctrl_c(hf_checkpoint):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    folder, _, _ = hf_checkpoint(hidden_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=512)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxq.server", "--model", str(folder), "--port", "0",
+         "--kv-bits", "4", "--max-kv-memory", "1GB"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert m, line
+        url = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": str(folder), "prompt": "Hello", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)  # 130: the conventional Ctrl-C exit
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_command_line_errors_are_one_line(capsys):
+    from mlxq.server.__main__ import main
+    from mlxq.server.background import bind_socket
+
+    taken = bind_socket("127.0.0.1", 0)
+    taken.listen()  # a port in use: another server listens on it
+    try:
+        port = str(taken.getsockname()[1])
+        for argv, message in ((["--port", "70000"], "--port must be at most 65535"),
+                              (["--decode-concurrency", "0"], "--decode-concurrency must be"),
+                              (["--kv-recent", "-1"], "--kv-recent must be at least 0"),
+                              (["--port", port], "cannot listen on 127.0.0.1:" + port)):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("mlxq.server: error: ") and message in err, err
+            assert err.count("\n") == 1
+    finally:
+        taken.close()

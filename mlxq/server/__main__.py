@@ -96,6 +96,7 @@ def main(argv=None):
 
     from ..loading import load_for_cli
     from . import create_server
+    from .background import bind_socket
 
     max_kv = args.max_kv_memory
     if max_kv is None:
@@ -103,6 +104,11 @@ def main(argv=None):
         if total is None:
             raise MlxqError("cannot read this machine's memory size; give --max-kv-memory")
         max_kv = int(total * DEFAULT_KV_MEMORY_FRACTION)
+    try:
+        sock = bind_socket(args.host, args.port)  # a taken port fails before loading
+    except OSError as e:
+        raise MlxqError(f"cannot listen on {args.host}:{args.port}: "
+                        f"{e.strerror or e}") from None
     model, tokenizer = load_for_cli(args.model)
     model_id = args.model or "SmolLM2-135M-Instruct"
     server = create_server(
@@ -119,15 +125,12 @@ def main(argv=None):
     if not loopback:
         print(f"mlxq.server: warning: listening on {args.host}: reachable from other "
               "machines, with no authentication", file=sys.stderr)
+    port = sock.getsockname()[1]
     print(f"mlxq.server: serving {model_id} (KV {args.kv_bits}-bit, at most "
-          f"{max_kv / 1e9:.2f} GB) on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          f"{max_kv / 1e9:.2f} GB) on http://{args.host}:{port}/v1", file=sys.stderr,
           flush=True)
-    config = uvicorn.Config(server.app, host=args.host, port=args.port,
-                            log_level=args.log_level, lifespan="on")
-    try:
-        uvicorn.Server(config).run()
-    except OSError as e:  # port taken, address not ours
-        raise MlxqError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    config = uvicorn.Config(server.app, log_level=args.log_level, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

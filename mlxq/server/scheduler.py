@@ -226,8 +226,8 @@ class Scheduler:
                     return  # waits until running requests finish
                 self._waiting.popleft()
                 self._reserved += seq.reserved
+            self._active.append(seq)  # first, so a failure below is cleaned up by _fail
             self._start(seq)
-            self._active.append(seq)
 
     def _start(self, s: Sequence) -> None:
         p = s.params

@@ -42,12 +42,7 @@ TOPICS = ["a robot", "the sea", "a city at night", "an old map", "a small cat", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("out/benchmarks"),
-                   help="folder for the JSON and PNG files (default: %(default)s)")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite this benchmark's JSON and PNG in --out if they exist")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 2-layer model, short requests, 1K-token sessions")
+    common.add_output_args(p, "smoke test: 2-layer model, short requests, 1K-token sessions")
     p.add_argument("--streams", type=common.int_list, default=None,
                    help="concurrent streams (default: 1,4,16; --quick: 1,4)")
     p.add_argument("--requests", type=int, default=None,

@@ -180,6 +180,12 @@ def test_client_disconnect_frees_slot_and_memory(tiny_random):
         # Closed mid-stream: the only slot and its reservation come back.
         h = wait_idle(url)
         assert h["requests_cancelled"] == 1 and h["kv_active_bytes"] == 0
+        # A non-streamed request whose client gives up is cancelled too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", timeout=1.0,
+                       json={**body, "stream": False})
+        h = wait_idle(url)
+        assert h["requests_cancelled"] == 2 and h["requests_finished"] == 0
         # With decode_concurrency 1, this is served only if the slot was freed.
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})

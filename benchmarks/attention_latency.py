@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from benchmarks import common
 from mlxq.errors import cli_main
+from mlxq.kv_config import KVCacheConfig
 
 # name -> (description, query heads, KV heads, head dim)
 MODELS = {
@@ -89,19 +90,15 @@ class Inputs:
         # mlx-lm quantizes the model-dtype K/V, so its scales are in that dtype.
         self.mlx_lm_k = mx.quantize(self.keys, group_size=group_size, bits=bits)
         self.mlx_lm_v = mx.quantize(self.values, group_size=group_size, bits=bits)
-        # mlxq: whole buffers of whole steps, fp16 scales/biases, valid length passed apart.
-        cap = -(-length // CACHE_STEP) * CACHE_STEP
-        pad = mx.zeros((1, n_kv, cap - length, D), mx.float16)
-        self.mlxq_k = mx.quantize(mx.concatenate([self.keys.astype(mx.float16), pad], 2),
-                                  group_size=group_size, bits=bits)
-        self.mlxq_v = mx.quantize(mx.concatenate([self.values.astype(mx.float16), pad], 2),
-                                  group_size=group_size, bits=bits)
+        # mlxq: its cache filled by its own append (whole buffers of whole steps, valid
+        # length apart), pure int4: no rotation, no float16 sink or window.
+        self.mlxq_config = KVCacheConfig(bits, group_size, rotation=False, recent=0, sink=0)
+        self.mlxq_keys, self.mlxq_values = self.keys, self.values
         # What every path should approximate: exact float32 attention, unquantized K/V.
         self.exact = mx.fast.scaled_dot_product_attention(
             self.queries.astype(mx.float32), self.keys.astype(mx.float32),
             self.values.astype(mx.float32), scale=self.scale)
-        mx.eval(self.queries, self.keys, self.values, self.mlx_lm_k, self.mlx_lm_v,
-                self.mlxq_k, self.mlxq_v, self.exact)
+        mx.eval(self.queries, self.keys, self.values, self.mlx_lm_k, self.mlx_lm_v, self.exact)
 
 
 def sdpa_call(x: Inputs):
@@ -120,11 +117,13 @@ def mlx_lm_call(x: Inputs, bits, group_size):
 
 
 def mlxq_call(x: Inputs, bits, group_size, backend):
-    from mlxq.kernels.decode_attention import quantized_decode_attention
+    from mlxq.attention import attend_stored
+    from mlxq.quantized_cache import QuantizedKVCache
 
-    return lambda: quantized_decode_attention(
-        x.queries, *x.mlxq_k, *x.mlxq_v, length=x.length, scale=x.scale,
-        group_size=group_size, bits=bits, backend=backend)
+    cache = QuantizedKVCache(x.mlxq_config, backend=backend)
+    cache.append(x.mlxq_keys, x.mlxq_values)
+    mx.eval(cache.store)
+    return lambda: attend_stored(x.queries, cache, x.scale)
 
 
 def measure(fn, x: Inputs, nbytes, args, peak_gbps, slow=False) -> dict:
@@ -180,7 +179,8 @@ def run_attention(args, dtype, peak_gbps) -> list[dict]:
                     else:
                         from mlxq.kernels.decode_attention import bytes_read
 
-                        nbytes = bytes_read(1, n_kv, length, D, args.bits, args.group_size)
+                        nbytes = bytes_read(1, n_kv, length, 0, D, args.bits,
+                                            args.group_size)
                         try:
                             fig = measure(mlxq_call(x, args.bits, args.group_size, backend),
                                           x, nbytes, args, peak_gbps,
@@ -198,25 +198,12 @@ def run_attention(args, dtype, peak_gbps) -> list[dict]:
 
 
 # --- append (quantize-on-write) cost per token ---------------------------------------------
-class _Appender:
-    """Writes one token of K and V into preallocated buffers at a fixed position, the way
-    a cache appends; the buffers are held only here so MLX updates them in place."""
-
-    def __init__(self, buffers, write):
-        self.buffers, self.write = buffers, write
-
-    def __call__(self):
-        self.write(self.buffers)
-        return self.buffers
-
-
 def append_calls(args, n_kv, D, dtype, capacity):
     """(key, label, backend, fn or n/a reason) for appending one token of one layer."""
     from mlx_lm.models.cache import QuantizedKVCache as MlxLmQuantizedKVCache
 
     from mlxq.cache import KVCache
 
-    pos = capacity - 1  # the last slot: a full-size buffer is in place
     k = mx.random.normal((1, n_kv, 1, D)).astype(dtype)
     v = mx.random.normal((1, n_kv, 1, D)).astype(dtype)
     mx.eval(k, v)
@@ -238,24 +225,25 @@ def append_calls(args, n_kv, D, dtype, capacity):
              ("mlx_lm", f"mlx-lm QuantizedKVCache {args.bits}-bit", None,
               via_update_and_fetch(MlxLmQuantizedKVCache(args.group_size, args.bits)))]
     for backend in common.mlxq_backends(args):
-        label = common.mlxq_label(f"mlxq kv_write int{args.bits}", backend)
+        label = common.mlxq_label(f"mlxq append int{args.bits}", backend)
         reason = common.backend_unavailable(backend)
         if reason:
             calls.append((f"mlxq_{backend}", label, backend, reason))
             continue
-        from mlxq.kernels.kv_write import quantize_kv
+        from mlxq.quantized_cache import QuantizedKVCache
 
-        # QuantizedKVCache._append: one fused quantize of K and V, six slice writes.
-        buffers = [b for _ in "kv" for b in mx.quantize(
-            mx.zeros((1, n_kv, capacity, D), mx.float16), group_size=args.group_size,
-            bits=args.bits)]
+        # The cache's own append with the default options: one kernel (rotation, float16
+        # row, quantized row), one slice write into the store, one into the window ring.
+        cache = QuantizedKVCache(KVCacheConfig(args.bits, args.group_size), backend=backend)
+        cache.append(mx.zeros((1, n_kv, capacity - 1, D), dtype),
+                     mx.zeros((1, n_kv, capacity - 1, D), dtype))
+        mx.eval(cache.store, cache.fp)
 
-        def write(bufs, backend=backend):
-            new_k, new_v = quantize_kv(k, v, args.group_size, args.bits, backend=backend)
-            for buf, new in zip(bufs, new_k + new_v):
-                buf[..., pos:pos + 1, :] = new
-        mx.eval(buffers)
-        calls.append((f"mlxq_{backend}", label, backend, _Appender(buffers, write)))
+        def append_one(cache=cache):
+            cache.append(k, v)
+            cache.trim(1)  # next call writes the same slots: no growth, no drift
+            return cache.store, cache.fp
+        calls.append((f"mlxq_{backend}", label, backend, append_one))
     return calls
 
 

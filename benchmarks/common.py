@@ -6,6 +6,7 @@ run is a dict with ``status: "n/a"`` and a ``reason`` -- never another path's nu
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -203,6 +204,23 @@ def backend_unavailable(backend: str) -> str | None:
         except ImportError:
             return "n/a: the Metal emulator is not available in this build"
     return None
+
+
+@contextlib.contextmanager
+def kernel_backend_env(backend: str | None):
+    """mlxq's cache picks its kernels from MLXQ_KERNELS at each call: pin it for a run."""
+    from mlxq.backend import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    if backend is not None:
+        os.environ[ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -12,8 +12,6 @@ mlxq model (mlxq's ``attend`` accepts mlx-lm caches), so the caches are the only
 """
 
 import argparse
-import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -126,23 +124,6 @@ def weight_bytes(model) -> int:
 
 
 # --- caches ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def kernel_backend_env(backend: str | None):
-    """mlxq's cache picks its kernels from MLXQ_KERNELS at each call: pin it for a run."""
-    from mlxq.backend import ENV_VAR
-
-    old = os.environ.get(ENV_VAR)
-    if backend is not None:
-        os.environ[ENV_VAR] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
-
-
 def cache_paths(args, dtype):
     """(key, label, backend, make_caches(model) or n/a reason), in table order."""
     from mlx_lm.models.cache import QuantizedKVCache as MlxLmQuantizedKVCache
@@ -165,8 +146,8 @@ def cache_paths(args, dtype):
 
 def cache_arrays(caches):
     """Every array a list of caches holds (mlxq's or mlx-lm's), to evaluate them."""
-    held = [[c.keys, c.values] + [getattr(c, name, None) for name in (
-        "fp_keys", "fp_values")] for c in caches]
+    held = [[getattr(c, name, None) for name in ("keys", "values", "store", "fp")]
+            for c in caches]
     return [a for _, a in tree_flatten(held) if isinstance(a, mx.array)]
 
 
@@ -258,7 +239,7 @@ def run_model(name, args, dtype) -> list[dict]:
             continue
         measured = []
         try:
-            with kernel_backend_env(backend):
+            with common.kernel_backend_env(backend):
                 for ctx, fig in run_path(model, make, tokens, args):
                     if key == "fp":
                         fp_ms[ctx] = fig["decode_ms_median"]

@@ -17,4 +17,12 @@ def __getattr__(name):
         return importlib.import_module(".generate", __name__)
     if name == "stream_generate":
         return importlib.import_module(".generate", __name__).stream_generate
+    if name == "make_cache":
+        from .cache import make_cache
+
+        return make_cache
+    if name == "KVCacheConfig":
+        from .kv_config import KVCacheConfig
+
+        return KVCacheConfig
     raise AttributeError(f"module 'mlxq' has no attribute {name!r}")

@@ -6,6 +6,7 @@ Backends:
 - ``reference``: plain MLX ops, no custom kernels (the oracle and the CPU fallback).
 """
 
+import contextlib
 import os
 
 import mlx.core as mx
@@ -15,6 +16,9 @@ from .errors import MlxqError
 BACKENDS = ("metal", "emulate", "reference")
 ENV_VAR = "MLXQ_KERNELS"
 
+# Set only by `tracing_metal()`: the metal backend without Metal, for graph tracing.
+_tracing_metal = False
+
 
 def metal_available() -> bool:
     try:
@@ -23,8 +27,26 @@ def metal_available() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def tracing_metal():
+    """While active, ``kernel_backend()`` is ``metal`` even without Metal, so mlxq builds
+    its Metal kernels (``mx.fast.metal_kernel``) on any machine. Only for tracing inside
+    ``mx.export_function``, where a kernel call records a CustomKernel primitive without
+    running; called outside a trace, MLX's CPU build raises "No Metal back-end".
+    Used by benchmarks/decode_step.py to build a decode step's Metal graph on Linux."""
+    global _tracing_metal
+    old = _tracing_metal
+    _tracing_metal = True
+    try:
+        yield
+    finally:
+        _tracing_metal = old
+
+
 def kernel_backend() -> str:
     """The backend chosen by MLXQ_KERNELS (default: metal where available, else reference)."""
+    if _tracing_metal:
+        return "metal"
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if not value:
         return "metal" if metal_available() else "reference"

@@ -1,8 +1,7 @@
 """Per-layer key/value caches: the full-precision ``KVCache``, ``make_cache`` and save/load.
 
-Every mlxq cache stores the keys/values of the tokens seen so far and runs attention over
-them itself (``attend``), so a quantized cache can use its own fused kernel while model
-code stays the same. Buffers are preallocated in blocks of ``step`` tokens: appending a
+A cache stores the keys/values of the tokens seen so far; ``mlxq.attention`` decides how
+they are attended (``QuantizedKVCache`` lives in quantized_cache.py). Buffers are preallocated in blocks of ``step`` tokens: appending a
 token writes into free space, and only crossing a block boundary allocates (amortized).
 """
 
@@ -13,15 +12,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .backend import compute_dtype
 from .errors import MlxqError
+from .kv_config import KVCacheConfig
 
-SUPPORTED_KV_BITS = (16, 8, 4)
-SUPPORTED_KV_GROUP_SIZES = (32, 64, 128)
 _FP16_BYTES = 2
-
-
-def _causal_mask(q_len: int):
-    # MLX aligns "causal" to the end of the keys, so new queries see all earlier tokens.
-    return "causal" if q_len > 1 else None
 
 
 class KVCache:
@@ -73,15 +66,6 @@ class KVCache:
         self.values[..., start:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
-
-    def attend(self, queries, keys, values, scale: float = 1.0):
-        """Store the new keys/values, then causal attention of ``queries`` over all tokens."""
-        k, v = self.update_and_fetch(keys, values)
-        if queries.dtype != self.dtype:
-            queries = queries.astype(self.dtype)
-        return mx.fast.scaled_dot_product_attention(
-            queries, k, v, scale=scale, mask=_causal_mask(queries.shape[2])
-        )
 
     # --- bookkeeping -----------------------------------------------------------------
     def is_trimmable(self) -> bool:
@@ -139,69 +123,51 @@ class KVCache:
         self.dtype = getattr(mx, value.get("dtype", ""), None) or compute_dtype()
 
 
-def _quantized_cache_class():
-    try:
-        from .quantized_cache import QuantizedKVCache
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.quantized_cache":
-            raise
-        raise MlxqError("the quantized KV cache (--kv-bits 8/4) is not available yet") from None
-    return QuantizedKVCache
-
-
-def cache_class(kv_bits: int = 16, kv_group_size: int = 64):
-    """The cache class for these options; MlxqError naming the supported values if bad."""
-    if kv_bits not in SUPPORTED_KV_BITS:
-        raise MlxqError(
-            f"kv_bits={kv_bits!r} is not supported; choose one of "
-            f"{', '.join(map(str, SUPPORTED_KV_BITS))}"
-        )
-    if kv_bits == 16:
-        return KVCache
-    if kv_group_size not in SUPPORTED_KV_GROUP_SIZES:
-        raise MlxqError(
-            f"kv_group_size={kv_group_size!r} is not supported; choose one of "
-            f"{', '.join(map(str, SUPPORTED_KV_GROUP_SIZES))}"
-        )
-    return _quantized_cache_class()
-
-
-def make_cache(model, kv_bits: int = 16, kv_group_size: int | None = None,
-               kv_rotation: bool = True, kv_recent: int | None = None,
-               kv_sink: int | None = None, rotation_seed: int = 0, **options) -> list:
-    """One cache per layer of ``model``: KVCache for 16 bits, QuantizedKVCache for 8/4.
-
-    Quantized caches default to what measured best (docs/quality.md): group size
-    DEFAULT_GROUP_SIZE, a Hadamard rotation per layer (``kv_rotation``), the newest
-    DEFAULT_RECENT tokens (``kv_recent``) and the first DEFAULT_SINK tokens (``kv_sink``)
-    in full precision."""
-    from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
-
-    if kv_group_size is None:
-        kv_group_size = DEFAULT_GROUP_SIZE
-    cls = cache_class(kv_bits, kv_group_size)
-    if cls is KVCache:
-        return [KVCache(**options) for _ in model.layers]
-    recent = DEFAULT_RECENT if kv_recent is None else kv_recent
-    sink = DEFAULT_SINK if kv_sink is None else kv_sink
-    for name, n in (("kv_recent", recent), ("kv_sink", sink)):
-        if not isinstance(n, int) or n < 0:
-            raise MlxqError(f"{name} must be a non-negative number of tokens, got {n!r}")
+def make_cache(model, config: KVCacheConfig | None = None, *, backend: str | None = None,
+               **options) -> list:
+    """One cache per layer of ``model`` (mlx-lm's ``make_prompt_cache``): ``KVCache`` for 16
+    bits, ``QuantizedKVCache`` for 8/4. Options as a ``KVCacheConfig`` or as keywords:
+    ``kv_bits``, ``kv_group_size``, ``kv_rotation``, ``kv_recent``, ``kv_sink``,
+    ``rotation_seed`` (None = the default). The kernel backend is resolved here, once."""
+    if config is None:
+        config = config_from_options(**options)
+    elif options:
+        raise TypeError("pass either a KVCacheConfig or keyword options, not both")
+    if not config.quantized:
+        return [KVCache(step=config.step) for _ in model.layers]
     # Fail before any work when the model's heads do not fit the quantized layout.
+    head_dim = _model_head_dim(model)
+    if head_dim is not None:
+        config.check_head_dim(head_dim)
+    from .backend import kernel_backend
+    from .quantized_cache import QuantizedKVCache
+
+    backend = backend or kernel_backend()
+    # One rotation per layer (its own signs), so layers' errors do not line up.
+    return [QuantizedKVCache(config, layer_index=i, backend=backend)
+            for i in range(len(model.layers))]
+
+
+_OPTION_NAMES = {"kv_bits": "bits", "kv_group_size": "group_size", "kv_rotation": "rotation",
+                 "kv_recent": "recent", "kv_sink": "sink", "rotation_seed": "seed",
+                 "step": "step"}
+
+
+def config_from_options(**options) -> KVCacheConfig:
+    """A KVCacheConfig from make_cache's keyword names; None values take the defaults."""
+    unknown = set(options) - set(_OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown cache options: {', '.join(sorted(unknown))}")
+    fields = {_OPTION_NAMES[k]: v for k, v in options.items() if v is not None}
+    return KVCacheConfig(**fields)
+
+
+def _model_head_dim(model):
     head_dim = getattr(model, "head_dim", None)
-    if isinstance(head_dim, int):
-        from .quantized_cache import check_head_dim
-
-        check_head_dim(head_dim, kv_group_size)
-    if kv_rotation:
-        from .rotation import rotations_for
-
-        # One rotation per layer (its own signs), so layers' errors do not line up.
-        rotations = rotations_for(model, rotation_seed)
-    else:
-        rotations = [None] * len(model.layers)
-    return [cls(bits=kv_bits, group_size=kv_group_size, rotation=r, recent=recent, sink=sink,
-                **options) for r in rotations]
+    if not isinstance(head_dim, int) and getattr(model, "layers", None):
+        # mlx-lm's models keep it on the attention module.
+        head_dim = getattr(getattr(model.layers[0], "self_attn", None), "head_dim", None)
+    return head_dim if isinstance(head_dim, int) else None
 
 
 def cache_nbytes(caches) -> int:
@@ -224,7 +190,9 @@ def _class_by_name(name: str):
     if name == "KVCache":
         return KVCache
     if name == "QuantizedKVCache":
-        return _quantized_cache_class()
+        from .quantized_cache import QuantizedKVCache
+
+        return QuantizedKVCache
     raise MlxqError(f"unknown cache class {name!r} in the saved cache")
 
 

@@ -15,18 +15,18 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .cache import cache_class, make_cache
+from .cache import make_cache
 from .errors import MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
 from .output_files import check_output_file, write_text_file
-from .quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
+from .kv_config import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK, KVCacheConfig
 
 DEFAULT_CONTEXT = 1024
 DEFAULT_WINDOWS = 4
@@ -34,50 +34,26 @@ DEFAULT_PREFILL = 1
 DEFAULT_STEP = MAX_QUERY_TOKENS
 
 
-@dataclass(frozen=True)
-class KVFormat:
-    """One KV cache format. bits 16 = the full-precision KVCache (the reference);
-    ``recent``/``sink``: newest/first tokens kept in full precision."""
-
-    bits: int = 16
-    group_size: int = 64
-    rotation: bool = False
-    seed: int = 0
-    recent: int = 0
-    sink: int = 0
-
-    @property
-    def name(self) -> str:
-        if self.bits == 16:
-            return "fp"
-        return (f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
-                + (f"-w{self.recent}" if self.recent else "")
-                + (f"-s{self.sink}" if self.sink else ""))
-
-
-FULL_PRECISION = KVFormat(16)
+# A KV format is a KVCacheConfig; the full-precision cache is the reference.
+KVFormat = KVCacheConfig
+FULL_PRECISION = KVCacheConfig(16)
 _FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(?:-w(\d+))?(?:-s(\d+))?$")
 
 
-def parse_format(name: str, seed: int = 0) -> KVFormat:
+def parse_format(name: str, seed: int = 0) -> KVCacheConfig:
     """``int4-g64``, ``int4-g32-rot``, ``int4-g64-rot-w128-s4``, ``int8-g64``, ... (the
-    names the report prints)."""
+    names the report prints, ``KVCacheConfig.name``)."""
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
         raise MlxqError(f"bad KV format {name!r}: use "
                         "int<bits>-g<group>[-rot][-w<recent>][-s<sink>], e.g. int4-g64-rot-w256-s4")
-    bits, group = int(m[1]), int(m[2])
-    cache_class(bits, group)  # the cache's own message for unsupported values
-    return KVFormat(bits, group, m[3] is not None, seed, int(m[4] or 0), int(m[5] or 0))
+    return KVCacheConfig(int(m[1]), int(m[2]), m[3] is not None, seed, int(m[4] or 0),
+                         int(m[5] or 0))
 
 
-def make_format_caches(model, fmt: KVFormat) -> list:
+def make_format_caches(model, fmt: KVCacheConfig) -> list:
     """Fresh per-layer caches for ``fmt``: what generation builds, via make_cache."""
-    if fmt.bits == 16:
-        return make_cache(model)
-    return make_cache(model, kv_bits=fmt.bits, kv_group_size=fmt.group_size,
-                      kv_rotation=fmt.rotation, kv_recent=fmt.recent, kv_sink=fmt.sink,
-                      rotation_seed=fmt.seed)
+    return make_cache(model, fmt)
 
 
 def dense_weights(model) -> int:
@@ -205,7 +181,7 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
     fp_ppl = _ppl(nll[FULL_PRECISION])
     for f in formats:
         ppl = _ppl(nll[f])
-        entry = {"format": f.name, **asdict(f), "ppl": ppl,
+        entry = {"format": f.name, **{k: v for k, v in asdict(f).items() if k != "step"}, "ppl": ppl,
                  "rel_ppl_change": ppl / fp_ppl - 1.0,
                  "window_ppl": [math.exp(x) for x in window_nll[f]]}
         if f is not FULL_PRECISION:
@@ -314,11 +290,10 @@ def _formats(args) -> list:
         if bits == 16:
             continue
         for group in args.kv_group_size:
-            cache_class(bits, group)  # the cache's own message for unsupported values
             for recent, sink in itertools.product(args.kv_recent, args.kv_sink):
                 if min(recent, sink) < 0:
                     raise MlxqError("--kv-recent and --kv-sink must be at least 0")
-                out += [KVFormat(bits, group, rot, args.rotation_seed, recent, sink)
+                out += [KVCacheConfig(bits, group, rot, args.rotation_seed, recent, sink)
                         for rot in rotations]
     return out
 

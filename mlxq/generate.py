@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import cache_class, cache_fp16_nbytes, cache_nbytes, make_cache
+from .cache import cache_fp16_nbytes, cache_nbytes, config_from_options, make_cache
 from .errors import MlxqError, cli_main
 from .sampling import make_sampler
 
@@ -295,7 +295,7 @@ def kv_options_from_args(args) -> dict:
 
 def check_kv_args(args) -> None:
     """The --kv-* flags' one-line errors, before anything is loaded."""
-    cache_class(args.kv_bits, args.kv_group_size or 64)
+    config_from_options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
         if n is not None and n < 0:
             raise MlxqError(f"{flag} must be at least 0, got {n}")

@@ -54,14 +54,10 @@ def reuse_prefix(prompt_cache: PromptCache, prompt_ids) -> int:
 
 
 # --- settings that must match ------------------------------------------------------------
-def describe_meta_state(meta: dict) -> str:
-    """A cache layer's settings in the words of the command-line flags."""
-    if "bits" not in meta:
-        return "--kv-bits 16"
-    rotation = "on" if "rotation" in meta else "off"
-    return (f"--kv-bits {meta['bits']} --kv-group-size {meta['group_size']} "
-            f"--kv-recent {meta.get('recent', 0)} --kv-sink {meta.get('sink', 0)} "
-            f"rotation {rotation}")
+def describe_cache(cache) -> str:
+    """A layer cache's settings by the KV config's short name (``fp``, ``int4-g64-rot-...``)."""
+    config = getattr(cache, "config", None)
+    return config.name if config is not None else "fp"
 
 
 def check_compatible(caches, model, kv_options: dict, what: str) -> None:
@@ -72,10 +68,12 @@ def check_compatible(caches, model, kv_options: dict, what: str) -> None:
         raise MlxqError(f"{what} holds {len(caches)} layers but the model has "
                         f"{len(expected)}; it was saved for another model")
     for got, want in zip(caches, expected):
-        if type(got) is not type(want) or got.meta_state != want.meta_state:
-            raise MlxqError(
-                f"{what} was saved with {describe_meta_state(got.meta_state)} but this run "
-                f"uses {describe_meta_state(want.meta_state)}; use the same KV options")
+        same = (type(got) is type(want) and getattr(got, "config", None)
+                == getattr(want, "config", None)
+                and getattr(got, "layer_index", None) == getattr(want, "layer_index", None))
+        if not same:
+            raise MlxqError(f"{what} was saved with the KV cache {describe_cache(got)} but this "
+                            f"run uses {describe_cache(want)}; use the same --kv-* options")
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -134,16 +134,3 @@ def from_meta(meta: dict) -> HadamardRotation:
                                 int(meta["layer_index"]))
     except (KeyError, TypeError, ValueError) as e:
         raise MlxqError(f"bad KV rotation metadata {meta!r}: {e}") from None
-
-
-def rotations_for(model, seed: int = 0) -> list:
-    """One rotation per layer of ``model`` (make_cache's hook: pass ``rotation=r`` to each
-    layer's QuantizedKVCache). Layers get different signs so their errors do not align."""
-    head_dim = getattr(model, "head_dim", None)
-    if not isinstance(head_dim, int) and model.layers:
-        # mlx-lm's models keep it on the attention module.
-        head_dim = getattr(getattr(model.layers[0], "self_attn", None), "head_dim", None)
-    if not isinstance(head_dim, int):
-        raise MlxqError("cannot rotate this model's KV cache: it does not say its head_dim; "
-                        "turn the rotation off")
-    return [HadamardRotation(head_dim, seed, i) for i in range(len(model.layers))]

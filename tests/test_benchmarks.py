@@ -54,7 +54,7 @@ def test_byte_model_matches_the_kernels_own_count():
     from mlxq.kernels.decode_attention import bytes_read
 
     for kv, length, d, gs in [(3, 1000, 64, 64), (8, 32768, 128, 32)]:
-        assert bytes_read(1, kv, length, d, 4, gs) == attention_latency.quantized_bytes(
+        assert bytes_read(1, kv, length, 0, d, 4, gs) == attention_latency.quantized_bytes(
             kv, length, d, 4, gs, 2)
 
 

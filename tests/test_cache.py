@@ -7,8 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxq.attention import attend
 from mlxq.cache import KVCache, load_cache, make_cache, save_cache
 from mlxq.errors import MlxqError
+from mlxq.kv_config import KVCacheConfig
 
 B, HQ, HKV, D = 1, 4, 2, 16
 
@@ -42,7 +44,7 @@ def test_growth_across_step_boundary_matches_direct_attention():
         q, k, v = _rand(B, HQ, n, D), _rand(B, HKV, n, D), _rand(B, HKV, n, D)
         all_k.append(k)
         all_v.append(v)
-        out = cache.attend(q, k, v, scale=scale)
+        out = attend(q, k, v, cache, scale)
         ref = _reference_attention(
             q, mx.concatenate(all_k, axis=2), mx.concatenate(all_v, axis=2), scale
         )
@@ -98,8 +100,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert loaded[2].empty() and loaded[2].offset == 0
     # A loaded cache keeps working: attention continues over the restored tokens.
     q, k, v = _rand(B, HQ, 1, D), _rand(B, HKV, 1, D), _rand(B, HKV, 1, D)
-    out_a = caches[0].attend(q, k, v, scale=0.25)
-    out_b = loaded[0].attend(q, k, v, scale=0.25)
+    out_a = attend(q, k, v, caches[0], 0.25)
+    out_b = attend(q, k, v, loaded[0], 0.25)
     np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
 
 
@@ -143,12 +145,12 @@ def test_works_as_an_mlx_lm_cache():
 
 
 def test_save_load_is_generic_over_cache_classes(tmp_path):
-    qcache = pytest.importorskip("mlxq.quantized_cache")
+    import mlxq.quantized_cache as qcache
     mx.random.seed(5)
-    caches = [qcache.QuantizedKVCache(bits=4, group_size=64), KVCache(dtype=mx.float32)]
+    caches = [qcache.QuantizedKVCache(KVCacheConfig(4, 64, rotation=False, recent=0, sink=0)), KVCache(dtype=mx.float32)]
     for c in caches:
         k, v = _rand(B, HKV, 40, 64), _rand(B, HKV, 40, 64)
-        c.attend(_rand(B, HQ, 40, 64), k, v, scale=0.125)
+        attend(_rand(B, HQ, 40, 64), k, v, c, 0.125)
     path = tmp_path / "mixed.safetensors"
     save_cache(path, caches)
     loaded = load_cache(path)
@@ -157,12 +159,11 @@ def test_save_load_is_generic_over_cache_classes(tmp_path):
     q, k, v = _rand(B, HQ, 1, 64), _rand(B, HKV, 1, 64), _rand(B, HKV, 1, 64)
     for a, b in zip(caches, loaded):
         np.testing.assert_array_equal(
-            np.asarray(a.attend(q, k, v, scale=0.125)), np.asarray(b.attend(q, k, v, scale=0.125))
+            np.asarray(attend(q, k, v, a, 0.125)), np.asarray(attend(q, k, v, b, 0.125))
         )
 
 
 def test_make_cache_checks_quantized_head_dim_up_front():
-    pytest.importorskip("mlxq.quantized_cache")
     model = types.SimpleNamespace(layers=[object()] * 2, head_dim=96)
     with pytest.raises(MlxqError, match="head_dim"):
         make_cache(model, kv_bits=4, kv_group_size=64)

@@ -11,7 +11,7 @@ import pytest
 from mlx import nn
 
 from mlxq.errors import MlxqError
-from mlxq.quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
+from mlxq.kv_config import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 from mlxq.evaluate import (
     KVFormat,
     check_settings,

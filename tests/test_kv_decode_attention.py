@@ -1,7 +1,9 @@
-"""Fused int4/int8 decode attention (through the emulator) vs its reference.
+"""The fused segmented decode kernel (through the emulator) vs the oracle.
 
-The reference dequantizes the *same* codes and runs exact float32 attention, so the only
-difference is float rounding order: a tight tolerance catches any wrong index, mask or merge.
+The oracle (``segmented_attention`` over ``cache_segments``) reads the *same* stored rows and
+float16 slots and runs exact float32 attention, so the only difference is float rounding
+order: a tight tolerance catches any wrong index, mask, ring slot or merge. Store rows past
+the longest sequence's valid length have NaN scales, so reading them poisons the output.
 The parameter list covers every value of every axis without the full product (CI time).
 """
 
@@ -11,59 +13,74 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxq.kernels.blockwise_attention import blockwise_decode_attention
 from mlxq.kernels.decode_attention import (
+    SIMDGROUPS,
+    bytes_read,
     plan_decode,
-    quantized_decode_attention,
-    reference_decode_attention,
-    window_attention,
+    segmented_decode_attention,
 )
+from mlxq.kernels.kv_append import reference_append_rows
+from mlxq.kernels.kv_layout import row_bytes, row_words
+from mlxq.kernels.segmented_attention import cache_segments, segmented_attention
+from mlxq.rotation import HadamardRotation, random_signs
 
-STEP = 256
-
-# (batch, q_tokens, head_dim, gqa, kv_heads, length, bits, group_size)
+# (batch, q_tokens, head_dim, gqa, kv_heads, bits, group, sink, recent, lens, rotate)
+# lens: (tokens, window tokens) per sequence.
 CASES = [
-    (1, 1, 64, 1, 2, 1, 4, 64),
-    (2, 1, 128, 2, 2, 31, 4, 32),
-    (1, 2, 64, 3, 3, 32, 8, 64),
-    (2, 3, 128, 4, 1, 33, 4, 128),
-    (1, 4, 64, 8, 1, 1000, 4, 64),     # 32 rows: 8 simdgroups
-    (2, 5, 128, 16, 1, 257, 4, 64),    # 80 rows in 3 chunks; 2 blocks, the 2nd of 1 token
-    (1, 6, 64, 2, 4, 1000, 8, 32),
-    (1, 7, 128, 1, 2, 513, 8, 128),    # 3 blocks of 256, the last of 1 token
-    (1, 8, 64, 16, 1, 100, 4, 32),     # 128 rows in 4 chunks
-    (2, 8, 128, 8, 1, 40, 4, 64),
-    (1, 1, 96, 3, 1, 300, 4, 32),      # head_dim 96: 3 output elements per lane
-    (1, 2, 256, 2, 1, 600, 8, 64),     # head_dim 256, 8-bit: fewer rows per threadgroup
-    (1, 1, 128, 16, 1, 2048, 8, 128),
-    (1, 1, 128, 4, 2, 8200, 4, 64),    # long: 33 blocks merged
+    (1, 1, 64, 1, 2, 4, 64, 0, 0, [(1, 0)], False),            # one token, no fp segment
+    (1, 1, 64, 3, 3, 4, 64, 4, 256, [(3, 0)], True),           # sink partly full
+    (2, 1, 128, 2, 2, 4, 32, 4, 16, [(31, 16), (20, 16)], True),  # batch 2, own lengths
+    (1, 2, 64, 4, 1, 8, 64, 2, 8, [(32, 8)], True),
+    (2, 3, 128, 6, 1, 4, 128, 4, 16, [(33, 16), (33, 16)], True),
+    (1, 4, 256, 2, 2, 4, 64, 4, 32, [(300, 32)], True),        # head_dim 256
+    (1, 1, 64, 8, 1, 4, 32, 4, 64, [(1000, 64)], True),        # GQA 8
+    (1, 8, 64, 16, 1, 4, 64, 4, 256, [(700, 256)], True),      # 128 rows in chunks
+    (1, 1, 128, 16, 2, 8, 128, 0, 0, [(2048, 0)], True),       # no sink, no window
+    (1, 5, 128, 4, 2, 4, 64, 4, 256, [(260, 256)], True),      # window exactly full
+    (1, 1, 128, 4, 2, 4, 64, 4, 256, [(8200, 256)], True),     # long: 8K+
+    (2, 1, 96, 3, 1, 4, 32, 4, 16, [(129, 16), (70, 9)], False),  # head_dim 96, trimmed window
+    (1, 6, 64, 2, 4, 8, 32, 3, 5, [(40, 5)], False),           # window shorter than LQ
+    (1, 7, 128, 1, 2, 8, 128, 4, 16, [(513, 16)], True),       # GQA 1
+    (1, 1, 128, 4, 8, 4, 64, 0, 0, [(4096, 0)], True),         # Llama-3-8B heads: 32 whole
+    (1, 1, 128, 4, 8, 4, 64, 0, 0, [(4097, 0)], True),         # blocks, then one more key
+    (1, 1, 64, 3, 3, 4, 64, 4, 256, [(1024, 256)], True),      # the default model at 1K
 ]
 
 
-def _random_cache(B, Hkv, length, D, bits, gs, key, cap=None):
-    """Whole buffers of capacity > length (unless given); the unused tail has NaN scales,
-    so reading past the valid length poisons the output."""
-    if cap is None:
-        cap = -(-length // STEP) * STEP + (STEP if length % STEP == 0 else 0)
-    x = mx.random.normal((B, Hkv, cap, D), key=key)
-    codes, scales, biases = mx.quantize(x.astype(mx.float16), group_size=gs, bits=bits)
-    valid = (mx.arange(cap) < length)[None, None, :, None]
-    nan = mx.array(float("nan"), dtype=mx.float16)
-    return codes, mx.where(valid, scales, nan), mx.where(valid, biases, nan)
+def _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity=False):
+    """Store and fp buffers as appends would leave them, with random contents."""
+    k0, k1, k2 = mx.random.split(key, 3)
+    valid = max(max(0, n - sink) for n, _ in lens)
+    cap = valid if exact_capacity else valid + 40
+    x = mx.random.normal((B, Hkv, cap, D), key=k0)
+    _, store = reference_append_rows(x, 0.5 * x[..., ::-1], None, bits, gs)
+    # Poison everything past the valid rows: NaN scales and biases.
+    nan_words = mx.full((B, Hkv, cap, row_words(D, bits, gs)), 0x7E007E00, dtype=mx.uint32)
+    W = D * bits // 32
+    is_sb = mx.arange(row_words(D, bits, gs)) >= 2 * W
+    poison = (mx.arange(cap)[:, None] >= valid) & is_sb
+    store = mx.where(poison, nan_words, store)
+    fcap = sink + recent + 3
+    fp = mx.random.normal((B, Hkv, fcap, 2 * D), key=k1).astype(mx.float16)
+    return store, fp
 
 
-def _run(case, dtype=mx.float32, seed=0, cap=None):
-    B, Lq, D, G, Hkv, length, bits, gs = case
-    k0, k1, k2 = mx.random.split(mx.random.key(seed), 3)
-    kparts = _random_cache(B, Hkv, length, D, bits, gs, k0, cap)
-    vparts = _random_cache(B, Hkv, length, D, bits, gs, k1, cap)
+def _run(case, seed=0, exact_capacity=False):
+    B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case
+    key = mx.random.key(seed)
+    store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity)
     # Scaled-up queries give peaked softmax weights, so a wrong key index shows.
-    q = (3 * mx.random.normal((B, Hkv * G, Lq, D), key=k2)).astype(dtype)
+    q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=mx.random.split(key)[1])
     scale = 1 / math.sqrt(D)
-    args = (q, *kparts, *vparts, length, scale, gs, bits)
-    out = quantized_decode_attention(*args, backend="emulate")
-    ref = reference_decode_attention(*args)
-    return out, ref
+    signs = mx.array(random_signs(D, 7, 1)) if rotate else None
+    out = segmented_decode_attention(q, store, fp, lens, sink, recent, scale, bits, gs,
+                                     signs, "emulate")
+    rot = HadamardRotation(D, 7, 1) if rotate else None
+    q_rot = rot.forward(q) if rot else q
+    positions = mx.array([[n - Lq + t for t in range(Lq)] for n, _ in lens], dtype=mx.int32)
+    ref = segmented_attention(q_rot, positions,
+                              cache_segments(store, fp, lens, sink, recent, D, bits, gs), scale)
+    return out, rot.inverse(ref) if rot else ref
 
 
 def _rel_err(out, ref):
@@ -71,87 +88,66 @@ def _rel_err(out, ref):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-L{}-D{}-G{}-H{}-S{}-b{}-g{}".format(*c))
-def test_kernel_matches_reference(case):
+def _case_id(c):
+    return "B{}-L{}-D{}-G{}-H{}-b{}-g{}-s{}-r{}-n{}{}".format(
+        *c[:9], "_".join(str(n) for n, _ in c[9]), "-rot" if c[10] else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_oracle(case):
     out, ref = _run(case)
     assert out.shape == ref.shape and out.dtype == mx.float32
     assert np.isfinite(np.asarray(out)).all()
-    assert _rel_err(out, ref) < 1e-4
+    assert _rel_err(out, ref) < 2e-4
 
 
-def test_float16_queries_give_float16_output():
-    out, ref = _run((1, 2, 128, 4, 2, 700, 4, 64), dtype=mx.float16, seed=1)
-    assert out.dtype == mx.float16
-    assert _rel_err(out, ref) < 2e-3  # half output rounding
+def test_cases_cover_every_lanes_per_key_and_block_edges():
+    plans = []
+    for B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, _ in CASES:
+        rows = max(max(0, n - sink - w) for n, w in lens)
+        plans.append((rows, plan_decode(B, Hkv, G, Lq, D, bits, rows, sink + recent)))
+    assert {p.lanes_per_key for _, p in plans} == {1, 2, 4, 8}
+    remainders = {rows % p.block for rows, p in plans if rows > p.block}
+    assert 0 in remainders and 1 in remainders
 
 
-def test_plan_fills_the_gpu_at_long_context():
-    # Llama-3-8B shapes at batch 1: 8 KV heads, GQA 4.
-    p = plan_decode(1, 8, 4, 1, 128, 4, 64, 32768)
-    assert p.n_blocks * 8 >= 256 and p.block == 1024
-    p = plan_decode(1, 8, 4, 1, 128, 4, 64, 8192)
-    assert p.n_blocks * 8 >= 256 and p.block == 256
-    # Short context: one block, no merge pass.
-    assert plan_decode(1, 8, 4, 1, 128, 4, 64, 200).n_blocks == 1
-    # Rows beyond one threadgroup's budget are split into chunks, evenly.
-    p = plan_decode(1, 1, 16, 8, 128, 4, 64, 100)
-    assert p.row_chunks == 4 and p.rows_per_tg == 32 and p.simdgroups == 8
+def test_half_queries_give_half_output():
+    case = (1, 1, 64, 3, 3, 4, 64, 4, 16, [(100, 16)], True)
+    B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, _ = case
+    store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, mx.random.key(3))
+    q = mx.random.normal((B, Hkv * G, Lq, D))
+    args = (store, fp, lens, sink, recent, 0.125, bits, gs, mx.array(random_signs(D, 0, 0)),
+            "emulate")
+    out16 = segmented_decode_attention(q.astype(mx.float16), *args)
+    out32 = segmented_decode_attention(q, *args)
+    assert out16.dtype == mx.float16
+    assert _rel_err(out16, out32) < 3e-3
 
 
-@pytest.mark.parametrize("case", [(2, 1, 64, 3, 2, 700, 4, 64), (1, 5, 128, 2, 2, 300, 8, 32)])
-def test_blockwise_reference_equals_dense_reference(case):
-    # The reference backend's long-context path (key blocks, online softmax).
-    B, Lq, D, G, Hkv, length, bits, gs = case
-    k0, k1, k2 = mx.random.split(mx.random.key(3), 3)
-    kparts = _random_cache(B, Hkv, length, D, bits, gs, k0)
-    vparts = _random_cache(B, Hkv, length, D, bits, gs, k1)
-    q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=k2)
-    scale = 1 / math.sqrt(D)
-    dense = reference_decode_attention(q, *kparts, *vparts, length, scale, gs, bits)
-    blocks = blockwise_decode_attention(q, kparts, vparts, length, scale, gs, bits, block=64)
-    assert _rel_err(blocks, dense) < 1e-5
+@pytest.mark.parametrize("shape,store_rows,fp_slots,min_sg", [
+    ((1, 8, 4, 128), 4096 - 260, 260, 1000),   # Llama-3-8B heads at 4K
+    ((1, 8, 4, 128), 32768 - 260, 260, 1000),  # ... at 32K
+    ((1, 3, 3, 64), 1024 - 260, 260, 750),     # the default model at 1K
+])
+def test_plans_fill_the_gpu(shape, store_rows, fp_slots, min_sg):
+    B, Hkv, G, D = shape
+    p = plan_decode(B, Hkv, G, 1, D, 4, store_rows, fp_slots)
+    assert p.simdgroups(B, Hkv) >= min_sg
+    assert p.threadgroups(B, Hkv) * SIMDGROUPS == p.simdgroups(B, Hkv)
+    # Blocks are whole steps of the simdgroups and cover every key once.
+    assert p.block % (SIMDGROUPS * 32 // p.lanes_per_key) == 0
+    assert (p.store_blocks - 1) * p.block < store_rows <= p.store_blocks * p.block
+    assert p.n_blocks - p.store_blocks == -(-fp_slots // p.block)
 
 
-# --- quantized tokens + a full-precision window of the newest ones ----------------------
-# (batch, q_tokens, head_dim, gqa, kv_heads, cached, window, bits, group_size, sink)
-WINDOW_CASES = [
-    (1, 1, 64, 3, 3, 40, 64, 4, 64, 0),
-    (1, 1, 64, 3, 3, 40, 64, 4, 64, 4),
-    (2, 3, 128, 4, 2, 600, 35, 4, 32, 3),  # 3 blocks of quantized tokens merged with the window
-    (1, 8, 64, 8, 1, 257, 72, 8, 64, 0),   # rows-as-heads: 64 rows split over chunks
-    (1, 5, 96, 2, 2, 33, 5, 4, 32, 0),     # the window is exactly the queries' own tokens
-    (1, 2, 64, 2, 2, 0, 9, 4, 64, 4),      # sink and window, nothing quantized yet
-]
+def test_plan_splits_rows_by_register_budget():
+    p = plan_decode(1, 1, 16, 8, 128, 4, 100, 0)  # 128 rows, 8 per threadgroup at d128
+    assert (p.rows_per_tg, p.row_chunks) == (8, 16)
+    p = plan_decode(1, 1, 16, 1, 64, 4, 100, 0)   # 16 rows fit at d64
+    assert (p.rows_per_tg, p.row_chunks) == (16, 1)
 
 
-def _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits, sink):
-    deq = [mx.dequantize(c[..., :cached, :], s[..., :cached, :].astype(mx.float32),
-                         b[..., :cached, :].astype(mx.float32), group_size=gs, bits=bits)
-           for c, s, b in (kparts, vparts) if cached]
-    k = mx.concatenate([sink[0], *deq[:1], win_k], axis=2)
-    v = mx.concatenate([sink[1], *deq[1:], win_v], axis=2)
-    return mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=scale, mask="causal" if q.shape[2] > 1 else None)
-
-
-@pytest.mark.parametrize("backend", ["emulate", "reference"])
-@pytest.mark.parametrize("case", WINDOW_CASES,
-                         ids=lambda c: "B{}-L{}-D{}-G{}-H{}-S{}-W{}-b{}-g{}-sink{}".format(*c))
-def test_window_attention_matches_dequantized_plus_window(case, backend):
-    B, Lq, D, G, Hkv, cached, W, bits, gs, S = case
-    ks = mx.random.split(mx.random.key(11), 7)
-    kparts = _random_cache(B, Hkv, cached, D, bits, gs, ks[0])
-    vparts = _random_cache(B, Hkv, cached, D, bits, gs, ks[1])
-    # Window and sink keys larger than the cached ones: a dropped or misplaced one shows.
-    win_k = 2 * mx.random.normal((B, Hkv, W, D), key=ks[2])
-    win_v = mx.random.normal((B, Hkv, W, D), key=ks[3])
-    sink = (2 * mx.random.normal((B, Hkv, S, D), key=ks[5]),
-            mx.random.normal((B, Hkv, S, D), key=ks[6]) + 1)
-    q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=ks[4])
-    scale = 1 / math.sqrt(D)
-    out = window_attention(q, win_k, win_v, kparts, vparts, cached, scale, gs, bits,
-                           backend=backend, sink_keys=sink[0] if S else None,
-                           sink_values=sink[1] if S else None)
-    ref = _window_reference(q, kparts, vparts, cached, win_k, win_v, scale, gs, bits, sink)
-    assert out.shape == ref.shape
-    assert _rel_err(out, ref) < 1e-4
+def test_bytes_read_counts_rows_and_slots():
+    # int4 d128 g64: 144 bytes per token per KV head, 0.28x of fp16's 512.
+    assert row_bytes(128, 4, 64) == 144
+    assert bytes_read(1, 8, 1000, 260, 128, 4, 64) == 8 * (1000 * 144 + 260 * 512)

@@ -76,7 +76,7 @@ def test_other_kv_options_are_refused_in_one_line(tiny_model_dir, tmp_path, caps
         code, out, err = run_cli(generate, [*base, "--max-tokens", "2",
                                             "--prompt-cache-file", str(path), *other], capsys)
         assert code == 2 and out == ""
-        assert err.count("\n") == 1 and "was saved with --kv-bits 4" in err, err
+        assert err.count("\n") == 1 and "was saved with the KV cache int4-g64" in err, err
     # The same options are accepted.
     code, out, _ = run_cli(generate, [*base, "--max-tokens", "2", "--kv-bits", "4",
                                       "--prompt-cache-file", str(path)], capsys)

@@ -3,7 +3,7 @@ tokens as the reference path, through the cache's growth boundary (256 tokens)."
 
 import pytest
 
-import mlxq.kernels.decode_attention as da
+import mlxq.attention as attention
 from mlxq.generate import stream_generate
 
 # The quantized tokens cross 256 during decoding: the buffers grow.
@@ -19,13 +19,13 @@ TEXT = (
 def _greedy_tokens(model, tokenizer, prompt_ids, monkeypatch, backend, recent):
     monkeypatch.setenv("MLXQ_KERNELS", backend)
     seen = []
-    real = da._attention_pass
+    real = attention.segmented_decode_attention
 
     def spy(*args, **kwargs):
-        seen.append(args[7])  # the backend the fused kernel ran on
+        seen.append(args[-1])  # the backend the fused kernel ran on
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(da, "_attention_pass", spy)
+    monkeypatch.setattr(attention, "segmented_decode_attention", spy)
     tokens = [r.token for r in stream_generate(
         model, tokenizer, prompt_ids, max_tokens=MAX_TOKENS, kv_bits=4, kv_group_size=64,
         kv_recent=recent)]

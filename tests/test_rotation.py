@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from mlxq.errors import MlxqError
-from mlxq.rotation import HadamardRotation, from_meta, hadamard_base, rotations_for
+from mlxq.attention import attend
+from mlxq.kv_config import KVCacheConfig
+from mlxq.rotation import HadamardRotation, from_meta, hadamard_base
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 96, 80])
@@ -76,17 +78,6 @@ def test_rotation_spreads_an_outlier_channel_and_cuts_int4_error():
     assert _int4_error(x, rot) < 0.5 * _int4_error(x)
 
 
-def test_rotations_for_gives_one_distinct_rotation_per_layer():
-    class FakeModel:
-        layers = [object()] * 4
-        head_dim = 64
-
-    rots = rotations_for(FakeModel(), seed=5)
-    assert [r.layer_index for r in rots] == [0, 1, 2, 3]
-    assert all(r.seed == 5 and r.head_dim == 64 for r in rots)
-    assert not np.array_equal(np.array(rots[0].matrix), np.array(rots[1].matrix))
-
-
 def test_rotation_works_in_float16():
     rot = HadamardRotation(64, seed=1, layer_index=0)
     x = mx.random.normal((2, 64), key=mx.random.key(2)).astype(mx.float16)
@@ -105,10 +96,10 @@ def test_quantized_cache_with_rotation_attends_like_full_precision_and_saves(tmp
     k = mx.random.normal((1, 3, 40, 64), key=keys[1])
     v = mx.random.normal((1, 3, 40, 64), key=keys[2])
     scale = 64 ** -0.5
-    rot = HadamardRotation(64, seed=2, layer_index=0)
-    cache = QuantizedKVCache(bits=8, group_size=64, rotation=rot)
-    cache.attend(mx.zeros((1, 9, 39, 64)), k[:, :, :39], v[:, :, :39], scale=scale)
-    out = cache.attend(q, k[:, :, 39:], v[:, :, 39:], scale=scale)
+    cache = QuantizedKVCache(KVCacheConfig(8, 64, seed=2, recent=0, sink=0), layer_index=0)
+    attend(mx.zeros((1, 9, 39, 64)), k[:, :, :39], v[:, :, :39], cache, scale)
+    rot = cache.rotation
+    out = attend(q, k[:, :, 39:], v[:, :, 39:], cache, scale)
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     # int8 error only; a missing inverse rotation would be off by O(1).
     np.testing.assert_allclose(np.array(out), np.array(ref), atol=2e-2)
@@ -118,5 +109,5 @@ def test_quantized_cache_with_rotation_attends_like_full_precision_and_saves(tmp
     assert loaded.rotation.to_meta() == rot.to_meta()
     q2 = mx.random.normal((1, 9, 1, 64), key=mx.random.key(9))
     k2 = mx.random.normal((1, 3, 1, 64), key=mx.random.key(10))
-    np.testing.assert_allclose(np.array(loaded.attend(q2, k2, k2, scale=scale)),
-                               np.array(cache.attend(q2, k2, k2, scale=scale)), atol=1e-5)
+    np.testing.assert_allclose(np.array(attend(q2, k2, k2, loaded, scale)),
+                               np.array(attend(q2, k2, k2, cache, scale)), atol=1e-5)

@@ -38,31 +38,24 @@ from ..prompt_cache import PromptCache
 from ..sampling import make_sampler
 from .protocol import ApiError, CompletionParams, usage
 
-CACHE_STEP = 256  # mlxq caches grow in blocks of this many tokens
-
-
 def kv_bytes_needed(model, kv_options: dict, tokens: int, prefill_step: int) -> int:
-    """An upper bound on the KV-cache bytes of one sequence of ``tokens`` tokens with
-    these KV options (capacity grows in CACHE_STEP blocks; a quantized cache also holds a
-    float16 sink + window + slack, plus one prefill chunk while it reads the prompt)."""
+    """An upper bound on the KV-cache bytes of one sequence of ``tokens`` tokens with these
+    KV options: buffers grow in whole ``step`` blocks; a quantized cache holds one packed
+    row per token plus at most ``sink + recent`` float16 slots (mlxq/quantized_cache.py)."""
+    from ..cache import config_from_options
+
+    config = config_from_options(**kv_options)
     layers = len(model.layers)
     heads, head_dim = model.n_kv_heads, model.head_dim
-    blocks = -(-max(tokens, 1) // CACHE_STEP) * CACHE_STEP
-    bits = kv_options.get("kv_bits", 16)
-    if bits == 16:
+    blocks = -(-max(tokens, 1) // config.step) * config.step
+    if not config.quantized:
         per_token = 2 * heads * head_dim * mx.zeros((), compute_dtype()).itemsize
         return layers * blocks * per_token
-    from ..quantized_cache import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK, FP_SLACK
+    from ..kernels.kv_layout import row_bytes
 
-    group = kv_options.get("kv_group_size") or DEFAULT_GROUP_SIZE
-    recent = kv_options.get("kv_recent")
-    sink = kv_options.get("kv_sink")
-    recent = DEFAULT_RECENT if recent is None else recent
-    sink = DEFAULT_SINK if sink is None else sink
-    # Codes (bits per value) plus a float16 scale and bias per group, for K and V.
-    per_token = 2 * heads * (head_dim * bits // 8 + 2 * 2 * (head_dim // group))
-    fp_tokens = sink + recent + FP_SLACK + prefill_step
-    return layers * (blocks * per_token + 2 * heads * head_dim * 2 * fp_tokens)
+    fp_slots = min(config.sink + config.recent, tokens + prefill_step)
+    return layers * heads * (blocks * row_bytes(head_dim, config.bits, config.group_size)
+                             + fp_slots * 2 * head_dim * 2)
 
 
 @dataclass

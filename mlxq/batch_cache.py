@@ -1,0 +1,125 @@
+"""``BatchQuantizedKVCache``: several sequences decoding together, each at its own length.
+
+Continuous batching keeps a running batch: a sequence is prefilled alone (in a
+``QuantizedKVCache``), joins the batch with ``extend`` and leaves it with ``filter``
+(mlx-lm's ``BatchKVCache`` names), each a one-time copy of the sequences' rows. In
+between, every decode step appends one token per sequence at that sequence's own position
+and the fused kernel attends each sequence over its own length (``lens``), so one forward
+pass decodes the whole batch. The layout is ``QuantizedKVCache``'s, per sequence, plus one
+scratch row in the store and one scratch slot in the float16 buffer: a sequence whose new
+token has no place there (still in the sink; no window) writes it to the scratch, which no
+kernel reads. ``offset`` is an array of lengths, which RoPE takes per sequence.
+"""
+
+import mlx.core as mx
+
+from .errors import MlxqError
+from .kernels.kv_layout import row_words
+from .quantized_cache import QuantizedKVCache, QuantizedOptions
+
+
+class BatchQuantizedKVCache(QuantizedOptions):
+    """One layer's cache for a batch of sequences (same config and layer)."""
+
+    def __init__(self, caches: list):
+        if not caches:
+            raise MlxqError("a batch needs at least one sequence")
+        first = caches[0]
+        for c in caches:
+            if not isinstance(c, QuantizedKVCache) or c.config != first.config \
+                    or c.layer_index != first.layer_index or c.backend != first.backend:
+                raise MlxqError("sequences of one batch need the same KV cache options")
+            if c.head_dim is None or c.store is None and c.fp is None:
+                raise MlxqError("prefill a sequence before it joins a batch")
+        self.config, self.layer_index, self.backend = first.config, first.layer_index, first.backend
+        self.head_dim = first.head_dim
+        self.rotation, self.signs = first.rotation, first.signs
+        self.kernel_rotates = first.kernel_rotates
+        self.lengths = [c.offset for c in caches]
+        self.window_lengths = [c.window_length for c in caches]
+        self.store, self.fp = self._stack([c.store for c in caches], [c.fp for c in caches],
+                                          max(self.lengths) + 1)
+
+    # --- what attention reads ---------------------------------------------------------
+    @property
+    def offset(self):
+        """Per-sequence lengths (B,), what RoPE takes as positions."""
+        return mx.array(self.lengths, dtype=mx.int32)
+
+    @property
+    def lens(self) -> list:
+        return list(zip(self.lengths, self.window_lengths))
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + self.fp.nbytes
+
+    # --- joining and leaving --------------------------------------------------------
+    def _stack(self, stores, fps, max_length):
+        """Whole buffers for the batch: rows padded to one capacity (+ the scratch row),
+        float16 buffers to sink + recent slots (+ the scratch slot)."""
+        D, S, R, step = self.head_dim, self.sink, self.recent, self.config.step
+        H = next(x for x in stores + fps if x is not None).shape[1]
+        rows = -(-max(1, max_length - S + 1) // step) * step
+        words = row_words(D, self.bits, self.group_size)
+
+        def padded(x, size, width, dtype):
+            have = 0 if x is None else x.shape[2]
+            pad = mx.zeros((1, H, size - have, width), dtype)
+            return pad if x is None else mx.concatenate([x[:, :, :size], pad], axis=2)
+
+        store = mx.concatenate([padded(x, rows, words, mx.uint32) for x in stores])
+        fp = mx.concatenate([padded(x, S + R + 1, 2 * D, mx.float16) for x in fps])
+        return store, fp
+
+    def extend(self, other: "BatchQuantizedKVCache"):
+        """Add ``other``'s sequences after this batch's (a copy of both)."""
+        if other.config != self.config or other.layer_index != self.layer_index:
+            raise MlxqError("sequences of one batch need the same KV cache options")
+        rows = max(self.store.shape[2], other.store.shape[2])
+        grow = lambda x: mx.concatenate(  # noqa: E731
+            [x, mx.zeros((*x.shape[:2], rows - x.shape[2], x.shape[3]), x.dtype)], axis=2)
+        self.store = mx.concatenate([grow(self.store), grow(other.store)])
+        self.fp = mx.concatenate([self.fp, other.fp])
+        self.lengths += other.lengths
+        self.window_lengths += other.window_lengths
+
+    def filter(self, keep: list):
+        """Keep the sequences at indices ``keep`` (in that order); the others leave."""
+        index = mx.array(keep, dtype=mx.int32)
+        self.store, self.fp = self.store[index], self.fp[index]
+        self.lengths = [self.lengths[i] for i in keep]
+        self.window_lengths = [self.window_lengths[i] for i in keep]
+
+    # --- writing --------------------------------------------------------------------
+    def append(self, keys, values):
+        """One new token per sequence, (B, Hkv, 1, D), each at its own position."""
+        B, H, L, D = keys.shape
+        if L != 1 or B != len(self.lengths) or D != self.head_dim:
+            raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
+                            f"{len(self.lengths)} sequences of head_dim {self.head_dim}")
+        fp_rows, q_rows = self.encode(keys, values)
+        S, R = self.sink, self.recent
+        if max(self.lengths) + 1 - S >= self.store.shape[2]:  # keep the scratch row free
+            extra = mx.zeros((*self.store.shape[:2], self.config.step, self.store.shape[3]),
+                             mx.uint32)
+            self.store = mx.concatenate([self.store, extra], axis=2)
+        scratch_row, scratch_slot = self.store.shape[2] - 1, S + R
+        store_at, fp_at = [], []
+        for n in self.lengths:
+            store_at.append(n - S if n >= S else scratch_row)
+            fp_at.append(n if n < S else (S + (n - S) % R if R else scratch_slot))
+        self.store = _put_rows(self.store, store_at, q_rows)
+        self.fp = _put_rows(self.fp, fp_at, fp_rows)
+        self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
+                               for n, w in zip(self.lengths, self.window_lengths)]
+        self.lengths = [n + 1 for n in self.lengths]
+
+
+def _put_rows(buffer, positions, rows):
+    """buffer[b, :, positions[b]] = rows[b, :, 0] for every b: one scatter, in place when
+    nothing else holds the buffer."""
+    B, H, _, W = rows.shape
+    index = mx.broadcast_to(mx.array(positions, dtype=mx.int32).reshape(B, 1, 1, 1),
+                            (B, H, 1, W))
+    return mx.put_along_axis(buffer, index, rows, axis=2)

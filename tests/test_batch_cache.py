@@ -1,0 +1,102 @@
+"""A batch of sequences decoding together, each at its own length, equals each sequence
+decoded alone: the same logits at every step, on the reference backend (the oracle with
+per-sequence positions) and on the emulated kernels (per-sequence lengths)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_config, tiny_weights
+
+from mlxq.batch_cache import BatchQuantizedKVCache
+from mlxq.cache import make_cache
+from mlxq.errors import MlxqError
+from mlxq.kv_config import KVCacheConfig
+from mlxq.models import build_model
+
+CONFIG = KVCacheConfig(4, 32, recent=8, sink=2)
+PROMPTS = [1, 5, 20]  # still in the sink, window filling, past the window
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    m = build_model(config)
+    m.load_weights([(k, mx.array(v)) for k, v in
+                    m.sanitize({k: mx.array(v) for k, v in tiny_weights(config).items()}).items()])
+    return m
+
+
+def _prefill(model, tokens, backend):
+    caches = make_cache(model, CONFIG, backend=backend)
+    logits = model(mx.array([tokens]), cache=caches)
+    return caches, logits[:, -1]
+
+
+def _batch(per_sequence):
+    layers = len(per_sequence[0])
+    return [BatchQuantizedKVCache([caches[i] for caches in per_sequence]) for i in range(layers)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulate"])
+def test_batched_decode_equals_each_sequence_alone(model, backend):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 300, n).tolist() for n in PROMPTS]
+    alone = [_prefill(model, p, backend) for p in prompts]
+    batch = _batch([_prefill(model, p, backend)[0] for p in prompts])
+    assert batch[0].lengths == PROMPTS
+    for step in range(12):  # every sequence crosses its sink or window edge
+        tokens = [int(rng.integers(1, 300)) for _ in prompts]
+        batched = model(mx.array(tokens)[:, None], cache=batch)[:, -1]
+        for i, (caches, _) in enumerate(alone):
+            single = model(mx.array([[tokens[i]]]), cache=caches)[:, -1]
+            np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single[0]),
+                                       atol=1e-4, rtol=1e-4)
+    assert batch[0].lengths == [n + 12 for n in PROMPTS]
+
+
+def test_sequences_join_and_leave(model):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 300, n).tolist() for n in (3, 9, 14)]
+    alone = [_prefill(model, p, "reference")[0] for p in prompts]
+    batch = _batch([_prefill(model, p, "reference")[0] for p in prompts[:2]])
+    # The middle of three steps: sequence 2 joins; then sequence 0 leaves.
+    for step in range(3):
+        if step == 1:
+            for layer, other in zip(batch, _batch([_prefill(model, prompts[2], "reference")[0]])):
+                layer.extend(other)
+        if step == 2:
+            for layer in batch:
+                layer.filter([1, 2])
+        members = {0: [0, 1], 1: [0, 1, 2], 2: [1, 2]}[step]
+        tokens = [int(rng.integers(1, 300)) for _ in members]
+        batched = model(mx.array(tokens)[:, None], cache=batch)[:, -1]
+        for row, i in enumerate(members):
+            single = model(mx.array([[tokens[row]]]), cache=alone[i])[:, -1]
+            np.testing.assert_allclose(np.asarray(batched[row]), np.asarray(single[0]),
+                                       atol=1e-4, rtol=1e-4)
+        # A sequence outside the batch this step skips it alone too.
+    assert batch[0].lengths == [9 + 3, 14 + 2]
+
+
+def test_a_batch_refuses_mixed_options_and_empty_sequences(model):
+    a = make_cache(model, CONFIG, backend="reference")
+    b = make_cache(model, KVCacheConfig(8), backend="reference")
+    model(mx.array([[1, 2, 3]]), cache=a)
+    model(mx.array([[1, 2, 3]]), cache=b)
+    with pytest.raises(MlxqError, match="same KV cache options"):
+        BatchQuantizedKVCache([a[0], b[0]])
+    with pytest.raises(MlxqError, match="prefill"):
+        BatchQuantizedKVCache([make_cache(model, CONFIG)[0]])
+
+
+def _address(a):
+    return np.asarray(a).__array_interface__["data"][0]
+
+
+def test_batched_steps_write_in_place(model):
+    batch = _batch([_prefill(model, list(range(1, n + 1)), "reference")[0] for n in (4, 30)])
+    mx.eval([(c.store, c.fp) for c in batch])
+    for step in range(3):
+        before = [(_address(c.store), _address(c.fp)) for c in batch]
+        mx.eval(model(mx.array([[1], [2]]), cache=batch))
+        assert [(_address(c.store), _address(c.fp)) for c in batch] == before

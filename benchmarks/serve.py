@@ -140,10 +140,11 @@ def measure_streams(server, n_streams: int, args) -> dict:
 
 # --- sessions in a budget ---------------------------------------------------------------------
 def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
-    """Bytes of one cache holding ``tokens`` tokens. Filled through each layer's own
-    ``attend`` (the append path a prefill takes, chunk by chunk) with random keys/values
-    and a single query per chunk: the bytes do not depend on the values, and a real
+    """Bytes of one cache holding ``tokens`` tokens, filled through ``mlxq.attention.attend``
+    (the append path a prefill takes, chunk by chunk) with random keys/values and a single
+    query per chunk: the bytes do not depend on the values, and a real
     8K-token prefill of the whole model takes most of an hour on a 2-core CPU."""
+    from mlxq.attention import attend
     from mlxq.cache import cache_nbytes, make_cache
     from mlxq.server.scheduler import kv_bytes_needed
 
@@ -157,7 +158,7 @@ def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
         k = mx.random.normal((1, kv_heads, n, dim), key=k1)
         v = mx.random.normal((1, kv_heads, n, dim), key=k2)
         q = mx.random.normal((1, heads, 1, dim), key=k3)
-        mx.eval([c.attend(q, k, v, scale=dim ** -0.5) for c in caches])
+        mx.eval([attend(q, k, v, c, dim ** -0.5) for c in caches])
     fill_s = time.perf_counter() - start
     measured = cache_nbytes(caches)
     if any(c.offset != tokens for c in caches):

@@ -14,9 +14,10 @@ HTTP 503 with Retry-After. Each iteration of the loop then
 ``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a batched decode step.
 Today it runs one forward per sequence, each over its own per-layer caches (the int4
 cache as it exists), and evaluates all of them together in a single ``mx.eval``. The next
-step, once the batched quantized cache lands (the fused decode kernel already takes a
-length per sequence), is a single forward of the (B, 1) batch through that kernel inside
-this class; nothing else in the server changes. Numerically a request's tokens do not
+step is a single forward of the (B, 1) batch through the fused int4 kernel inside this
+class: main's ``mlxq.batch_cache.BatchQuantizedKVCache`` (sequences join with ``extend``
+after their own prefill, leave with ``filter``, per-sequence ``offset`` for RoPE) is that
+batched cache; nothing else in the server changes. Numerically a request's tokens do not
 depend on what else runs: its prefill chunks start at fixed positions and its decode
 graph is its own, so at temperature 0 a request in a batch returns exactly what it
 returns alone.
@@ -87,8 +88,8 @@ class BatchDecoder:
     """One decode step for a set of sequences: feed each its last token, sample the next.
 
     Now: a forward per sequence over its own caches, all evaluated in one ``mx.eval``.
-    Next (with the batched int4 cache): one (B, 1) forward through the fused decode
-    kernel with per-sequence lengths -- same signature, same results at temperature 0.
+    Next: one (B, 1) forward over a ``BatchQuantizedKVCache`` per layer (the fused decode
+    kernel with per-sequence lengths) -- same signature.
     """
 
     def __init__(self, model):

@@ -290,13 +290,17 @@ def str_list(text: str) -> list[str]:
     return values
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_output_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--out, --force and --quick: what every benchmark script takes."""
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"),
                         help="folder for the JSON and PNG files (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite this benchmark's JSON and PNG in --out if they exist")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: small contexts, few repetitions, small shapes")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    add_output_args(parser, "smoke test: small contexts, few repetitions, small shapes")
     parser.add_argument("--peak-gbps", type=positive_float, default=None,
                         help="peak memory bandwidth of this machine in GB/s "
                              "(default: from the table of Apple chips; unknown: blank)")

@@ -207,8 +207,9 @@ def _class_by_name(name: str):
     raise MlxqError(f"unknown cache class {name!r} in the saved cache")
 
 
-def save_cache(path, caches) -> None:
-    """Write the caches (any mlxq cache class) to a .safetensors file."""
+def save_cache(path, caches, metadata: dict | None = None) -> None:
+    """Write the caches (any mlxq cache class) to a .safetensors file, with optional
+    JSON-able ``metadata`` that ``load_cache(..., return_metadata=True)`` gives back."""
     arrays = {}
     for i, cache in enumerate(caches):
         for key, arr in tree_flatten(cache.state):
@@ -217,11 +218,29 @@ def save_cache(path, caches) -> None:
         "classes": [type(c).__name__ for c in caches],
         "meta_states": [c.meta_state for c in caches],
     }
+    if metadata:
+        meta["user"] = metadata
     mx.save_safetensors(str(path), arrays, {_META_KEY: json.dumps(meta)})
 
 
-def load_cache(path) -> list:
-    """Read caches written by ``save_cache``."""
+def restore_cache(class_name: str, meta_state, state):
+    """A cache of ``class_name`` rebuilt from its ``meta_state`` and ``state`` (what
+    ``load_cache`` and copies of a cache use)."""
+    cls = _class_by_name(class_name)
+    cache = cls.__new__(cls)
+    cache.meta_state = meta_state  # non-array settings first: the state may need them
+    cache.state = state
+    return cache
+
+
+def copy_caches(caches) -> list:
+    """Independent copies of ``caches`` (the stored tokens only): appending to a copy
+    leaves the original unchanged."""
+    return [restore_cache(type(c).__name__, c.meta_state, c.state) for c in caches]
+
+
+def load_cache(path, return_metadata: bool = False):
+    """Read caches written by ``save_cache`` (and their metadata if asked)."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         meta = json.loads(metadata[_META_KEY])
@@ -231,10 +250,7 @@ def load_cache(path) -> list:
     for key, arr in arrays.items():
         layer, rest = key.split(".", 1)
         per_layer[int(layer)].append((rest, arr))
-    caches = []
-    for name, meta_state, items in zip(meta["classes"], meta["meta_states"], per_layer):
-        cache = _class_by_name(name).__new__(_class_by_name(name))
-        cache.meta_state = meta_state  # non-array settings first: the state may need them
-        cache.state = tree_unflatten(items) if items else ()
-        caches.append(cache)
-    return caches
+    caches = [restore_cache(name, meta_state, tree_unflatten(items) if items else ())
+              for name, meta_state, items in zip(meta["classes"], meta["meta_states"],
+                                                 per_layer)]
+    return (caches, meta.get("user", {})) if return_metadata else caches

@@ -56,10 +56,11 @@ def _program_name(module: str) -> str:
     a script's file name when run as ``python benchmarks/x.py``."""
     if module == "__main__":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if spec is not None:
-            return spec.name
-        return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mlxq"
-    return module
+        if spec is None:
+            return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mlxq"
+        module = spec.name
+    # A package run with -m (python -m mlxq.server) is named by the package.
+    return module.removesuffix(".__main__")
 
 
 def cli_main(func):

@@ -3,6 +3,8 @@
 The module itself is callable: ``mlxq.generate(model, tokenizer, prompt, **options)``.
 """
 
+import argparse
+import os
 import sys
 import time
 import types
@@ -36,6 +38,7 @@ class GenerationResponse:
     kv_nbytes: int
     kv_fp16_nbytes: int | None  # what an fp16 cache of the same capacity would take
     finish_reason: str | None  # None while streaming, then "stop" (EOS) or "length"
+    prompt_cached_tokens: int = 0  # prompt tokens taken from a prompt cache, not computed
 
 
 def context_length(model) -> int | None:
@@ -48,30 +51,42 @@ def context_length(model) -> int | None:
     return None
 
 
-def _token_stream(model, prompt_ids, caches, sampler, max_tokens, prefill_step_size):
-    """Yield generated token ids. The next step is queued before the current id is read."""
-    prompt = mx.array(prompt_ids)
-    n_prompt = len(prompt_ids)
+def prefill_chunks(model, prompt_ids, caches, prefill_step_size, start: int = 0):
+    """Feed ``prompt_ids[start:-1]`` into ``caches`` in chunks, yielding after each one.
 
-    # Chunked prefill: all but the last prompt token, evaluating the cache after each
-    # chunk so the graph (and activation memory) stays bounded by prefill_step_size.
-    done = 0
-    while n_prompt - done > 1:
-        n = min(prefill_step_size, n_prompt - 1 - done)
+    The cache is evaluated after every chunk so the graph (and activation memory) stays
+    bounded by ``prefill_step_size``; chunk boundaries depend only on ``start`` and the
+    prompt, so a caller may interleave other work between chunks without changing the
+    numbers. The last prompt token is left for the first ``next_token`` step.
+    """
+    prompt = mx.array(prompt_ids)
+    done = start
+    while len(prompt_ids) - done > 1:
+        n = min(prefill_step_size, len(prompt_ids) - 1 - done)
         model(prompt[None, done : done + n], cache=caches)
         mx.eval([c.state for c in caches])
         mx.clear_cache()
         done += n
+        yield n
 
-    def step(tokens):
-        logits = model(tokens[None], cache=caches)
-        return sampler(logits[:, -1, :])
 
-    y = step(prompt[done:])
+def next_token(model, tokens, caches, sampler):
+    """Feed ``tokens`` (1-D ids) and return the sampled next id, lazily (shape (1,))."""
+    logits = model(tokens[None], cache=caches)
+    return sampler(logits[:, -1, :])
+
+
+def _token_stream(model, prompt_ids, caches, sampler, max_tokens, prefill_step_size, start=0):
+    """Yield generated token ids. The next step is queued before the current id is read.
+    ``caches`` already hold ``prompt_ids[:start]``."""
+    for _ in prefill_chunks(model, prompt_ids, caches, prefill_step_size, start):
+        pass
+
+    y = next_token(model, mx.array(prompt_ids[-1:]), caches, sampler)
     mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_y = step(y)
+            next_y = next_token(model, y, caches, sampler)
             mx.async_eval(next_y)
         yield y.item()
         if n % 256 == 255:
@@ -93,12 +108,15 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     system: str | None = None,
     chat_template: bool = True,
+    prompt_cache=None,
     **kv_options,
 ):
     """Generate from ``prompt`` (text or token ids), yielding ``GenerationResponse`` pieces.
 
     Stops at any of ``tokenizer.eos_token_ids`` (finish_reason "stop") or after
-    ``max_tokens`` tokens or at the model's context length ("length").
+    ``max_tokens`` tokens or at the model's context length ("length"). ``prompt_cache``
+    (an ``mlxq.prompt_cache.PromptCache``, used up) supplies the keys/values of the
+    longest prefix it shares with the prompt; its KV settings replace ``kv_options``.
     """
     for name, value in (("max_tokens", max_tokens), ("prefill_step_size", prefill_step_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -116,10 +134,18 @@ def stream_generate(
             )
         # The last generated token is never fed back, hence + 1.
         max_tokens = min(max_tokens, ctx - len(prompt_ids) + 1)
-    try:
-        caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size, **kv_options)
-    except TypeError as e:  # an unknown or ill-typed cache option
-        raise MlxqError(f"bad KV cache option: {e}") from None
+    if prompt_cache is not None:
+        from .prompt_cache import reuse_prefix
+
+        start = reuse_prefix(prompt_cache, prompt_ids)
+        caches = prompt_cache.caches
+    else:
+        start = 0
+        try:
+            caches = make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                                **kv_options)
+        except TypeError as e:  # an unknown or ill-typed cache option
+            raise MlxqError(f"bad KV cache option: {e}") from None
 
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
@@ -143,12 +169,13 @@ def stream_generate(
             kv_nbytes=cache_nbytes(caches),
             kv_fp16_nbytes=cache_fp16_nbytes(caches),
             finish_reason=finish_reason,
+            prompt_cached_tokens=start,
         )
 
     token = None
     finish_reason = "length"
     for token in _token_stream(model, prompt_ids, caches, sampler, max_tokens,
-                               prefill_step_size):
+                               prefill_step_size, start):
         n += 1
         if n == 1:
             first_token_time = time.perf_counter()
@@ -175,7 +202,9 @@ def _format_stats(r: GenerationResponse) -> str:
     if r.kv_fp16_nbytes:
         kv += f" ({r.kv_nbytes / r.kv_fp16_nbytes:.2f}x fp16)"
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"prompt: {r.prompt_tokens} tokens"
+        f"{f' ({r.prompt_cached_tokens} cached)' if r.prompt_cached_tokens else ''}, "
+        f"{r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
         f"peak memory: {r.peak_memory / 1e6:.1f} MB | {kv}"
     )
@@ -194,6 +223,17 @@ def _parser() -> ArgumentParser:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
+    add_kv_args(p)
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
+    p.add_argument("--prompt-cache-file", default=None, metavar="FILE",
+                   help="a prompt cache written by python -m mlxq.cache_prompt: its longest "
+                        "common prefix with the prompt is not computed again (the KV "
+                        "options must be those it was saved with)")
+    return p
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """The --kv-* flags (generate, cache_prompt and the server take the same ones)."""
     p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4),
                    help="KV cache bits: 16 = full precision (default); the --kv-* options "
                         "below apply to 8 and 4 only")
@@ -207,8 +247,26 @@ def _parser() -> ArgumentParser:
                         "KV cache (default: 4)")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
-    return p
+
+
+def kv_options_from_args(args) -> dict:
+    """make_cache's keyword arguments from the --kv-* flags (generate, cache_prompt, server)."""
+    return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
+            "kv_recent": args.kv_recent, "kv_sink": args.kv_sink,
+            "kv_rotation": not args.no_kv_rotation}
+
+
+def check_kv_args(args) -> None:
+    """The --kv-* flags' one-line errors, before anything is loaded."""
+    from .kv_flags import check_quantized_only
+
+    check_quantized_only([args.kv_bits], **{
+        "--kv-group-size": args.kv_group_size, "--kv-recent": args.kv_recent,
+        "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation})
+    for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
+        if n is not None and n < 0:
+            raise MlxqError(f"{flag} must be at least 0, got {n}")
+    config_from_options(**kv_options_from_args(args))
 
 
 @cli_main
@@ -223,15 +281,9 @@ def main(argv=None):
     if args.prefill_step_size < 1:
         raise MlxqError(f"--prefill-step-size must be at least 1, got {args.prefill_step_size}")
     make_sampler(args.temp, args.top_p, args.seed)  # validates --temp / --top-p
-    config_from_options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
-    from .kv_flags import check_model_heads, check_quantized_only
-
-    check_quantized_only([args.kv_bits], **{
-        "--kv-group-size": args.kv_group_size, "--kv-recent": args.kv_recent,
-        "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation})
-    for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
-        if n is not None and n < 0:
-            raise MlxqError(f"{flag} must be at least 0, got {n}")
+    check_kv_args(args)
+    if args.prompt_cache_file is not None and not os.path.isfile(args.prompt_cache_file):
+        raise MlxqError(f"--prompt-cache-file {args.prompt_cache_file}: no such file")
     prompt = read_prompt_stdin() if args.prompt == "-" else args.prompt
     for what, text in (("--prompt", prompt), ("--system", args.system)):
         if text is not None and not is_utf8_text(text):
@@ -243,15 +295,21 @@ def main(argv=None):
 
     model, tokenizer = load_for_cli(args.model)
     if args.kv_bits != 16:
+        from .kv_flags import check_model_heads
+
         check_model_heads(model, [args.kv_group_size or 64], "use --kv-bits 16")
+    kv_options = kv_options_from_args(args)
+    prompt_cache = None
+    if args.prompt_cache_file is not None:
+        from .prompt_cache import load_prompt_cache
+
+        prompt_cache = load_prompt_cache(args.prompt_cache_file, model, kv_options)
     last = None
     for last in stream_generate(
         model, tokenizer, prompt,
         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed,
-        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-        kv_recent=args.kv_recent, kv_sink=args.kv_sink, kv_rotation=not args.no_kv_rotation,
         prefill_step_size=args.prefill_step_size, system=args.system,
-        chat_template=not args.ignore_chat_template,
+        chat_template=not args.ignore_chat_template, prompt_cache=prompt_cache, **kv_options,
     ):
         sys.stdout.write(last.text)
         sys.stdout.flush()

@@ -1,0 +1,509 @@
+"""mlxq.server over loopback: the real openai client, continuous batching, disconnects,
+bad requests, memory admission, prefix reuse and a bounded soak.
+
+Every server runs in-process on a free 127.0.0.1 port and is shut down by its context
+manager. Only the openai-client test uses the whole default model. Tests of text (prefix
+reuse, stop strings) use it cut to 2 layers (real tokenizer and chat template); tests of
+the serving machinery (many streams, admission, soak) use a tiny random model, since the
+default model's 49K-word output layer alone costs ~45 ms per token on a 2-core CPU."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import mlx.core as mx
+import pytest
+
+import mlxq
+from mlxq.generate import generate
+from mlxq.prompt import encode_prompt
+from mlxq.server import create_server
+from mlxq.server.background import running
+from mlxq.server.protocol import ServedModel, parse_chat
+
+MODEL_ID = "SmolLM2-135M-Instruct"
+MB = 10**6
+
+
+@pytest.fixture(scope="module")
+def small_default(default_model_dir):
+    """The default model cut to its first 2 layers (its own copy: the session's stays whole)."""
+    model, tokenizer = mlxq.load(default_model_dir)
+    model.model.layers = model.model.layers[:2]
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_random(tmp_path_factory):
+    """A 2-layer random llama (head_dim 64, as the int4 cache needs) with a small BPE
+    tokenizer and a chat template."""
+    from conftest import tiny_config, tiny_weights, write_hf_checkpoint
+
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=512, max_position_embeddings=2048)
+    folder = write_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "model", config,
+                                 tiny_weights(config), dtype="float32")
+    return mlxq.load(folder)
+
+
+def make_server(model_and_tokenizer, **options):
+    model, tokenizer = model_and_tokenizer
+    options.setdefault("max_kv_bytes", 2 * 10**9)
+    return create_server(model, tokenizer, MODEL_ID, **options)
+
+
+def chat_ids(tokenizer, text):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                              add_generation_prompt=True))
+
+
+def health(url):
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = health(url)
+        if h["active"] == 0 and h["waiting"] == 0 and h["kv_reserved_bytes"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"server not idle: {health(url)}")
+
+
+def stream_text(client, **kwargs):
+    """Streamed chat text and the chunks' finish reason."""
+    text, finish = [], None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    return "".join(text), finish
+
+
+# --- the real openai client on the whole default model, int4 KV ---------------------------------
+def test_openai_client_plain_and_streamed(default_model):
+    openai = pytest.importorskip("openai")
+    model, tokenizer = default_model
+    server = make_server(default_model, kv_options={"kv_bits": 4})
+    question = "What is the capital of France?"
+    with running(server) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [MODEL_ID]
+        messages = [{"role": "user", "content": question}]
+        plain = client.chat.completions.create(model=MODEL_ID, messages=messages,
+                                               max_tokens=12, temperature=0)
+        text = plain.choices[0].message.content
+        # The oracle: mlxq.generate on the same tokens with the same int4 cache.
+        ids = chat_ids(tokenizer, question)
+        assert text == generate(model, tokenizer, ids, max_tokens=12, kv_bits=4)
+        assert text.strip()
+        assert plain.usage.prompt_tokens == len(ids)
+        assert plain.usage.completion_tokens <= 12
+
+        chunks = list(client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == text
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        # The whole conversation is cached now: the same request reuses all but one token.
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(ids) - 1
+
+        prompt = "The capital of France is"
+        done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8)
+        expected = generate(model, tokenizer, encode_prompt(tokenizer, prompt,
+                                                            chat_template=False),
+                            max_tokens=8, kv_bits=4)
+        assert done.choices[0].text == expected
+        assert done.choices[0].finish_reason in ("stop", "length")
+        pieces = [c.choices[0].text for c in client.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=8, stream=True)]
+        assert "".join(pieces) == expected
+
+
+# --- continuous batching -----------------------------------------------------------------------
+def test_16_concurrent_streams_match_each_request_alone(tiny_random):
+    openai = pytest.importorskip("openai")
+    # No prefix cache: a request's text must not depend on what ran before it either.
+    server = make_server(tiny_random, kv_options={"kv_bits": 4}, prompt_cache_size=0,
+                         decode_concurrency=16)
+    prompts = [f"Tell me about the number {i}." for i in range(16 * 3)]
+    with running(server) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def ask(prompt, stream):
+            kwargs = dict(model=MODEL_ID, messages=[{"role": "user", "content": prompt}],
+                          max_tokens=6 + len(prompt) % 5, temperature=0)
+            if stream:
+                return stream_text(client, **kwargs)
+            r = client.chat.completions.create(**kwargs)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+
+        alone = {p: ask(p, stream=False) for p in prompts[:16]}
+        assert health(url)["peak_batch"] == 1
+
+        def worker(k):  # each stream sends 3 requests, one after the other
+            return [(p, ask(p, stream=True)) for p in prompts[k::16]]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = [r for rs in pool.map(worker, range(16)) for r in rs]
+        h = wait_idle(url)
+    assert len(results) == 48
+    assert all(finish in ("stop", "length") for _, (_, finish) in results)
+    assert h["peak_batch"] > 4  # requests really ran together
+    for prompt, got in results:
+        if prompt in alone:
+            assert got == alone[prompt], prompt
+    # The oracle for the alone answers: mlxq.generate.
+    model, tokenizer = tiny_random
+    for prompt in prompts[:2]:
+        expected = generate(model, tokenizer, chat_ids(tokenizer, prompt),
+                            max_tokens=6 + len(prompt) % 5, kv_bits=4)
+        assert alone[prompt][0] == expected
+
+
+def test_client_disconnect_frees_slot_and_memory(tiny_random):
+    server = make_server(tiny_random, kv_options={"kv_bits": 4}, decode_concurrency=1,
+                         prompt_cache_size=0)
+    body = {"messages": [{"role": "user", "content": "Count to one thousand."}],
+            "max_tokens": 2000, "stream": True}
+    with running(server) as url:
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                got = [next(lines) for _ in range(6)]
+                assert any(line.startswith("data: ") for line in got)
+                assert health(url)["active"] == 1
+        # Closed mid-stream: the only slot and its reservation come back.
+        h = wait_idle(url)
+        assert h["requests_cancelled"] == 1 and h["kv_active_bytes"] == 0
+        # A non-streamed request whose client gives up is cancelled too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", timeout=1.0,
+                       json={**body, "stream": False})
+        h = wait_idle(url)
+        assert h["requests_cancelled"] == 2 and h["requests_finished"] == 0
+        # With decode_concurrency 1, this is served only if the slot was freed.
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+# --- bad requests ------------------------------------------------------------------------------
+LONG_PROMPT = "hello " * 3000  # > 2048 tokens, the tiny model's context
+BAD_REQUESTS = [
+    ("chat", b"{not json", 400, None),
+    ("chat", b"[1, 2]", 400, None),
+    ("chat", {"messages": "hi"}, 400, "messages"),
+    ("chat", {"messages": []}, 400, "messages"),
+    ("chat", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("chat", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model"),
+    ("chat", {"model": 7, "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400,
+     "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12}, 400,
+     "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400,
+     "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}],
+              "max_completion_tokens": 1.5}, 400, "max_completion_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "temperature"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
+     "temperature"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400,
+     "stream"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": True}, 400, "seed"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stream_options": 1}, 400,
+     "stream_options"),
+    ("chat", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages"),
+    ("completions", {"prompt": {"text": "hi"}}, 400, "prompt"),
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ("completions", {"prompt": [1, "a"]}, 400, "prompt"),
+    ("completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_random):
+    server = make_server(tiny_random)
+    with running(server) as url, httpx.Client(timeout=30) as client:
+        for path, body, status, param in BAD_REQUESTS:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = client.post(f"{url}/v1/{path.replace('chat', 'chat/completions')}",
+                            content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (body if len(content) < 200 else path, r.text)
+            error = r.json()["error"]
+            assert error["message"] and error["type"] == "invalid_request_error"
+            assert error["param"] == param, (error, param)
+        assert client.get(f"{url}/v1/chat/completions").status_code == 405
+        r = client.get(f"{url}/v1/nothing")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        ok = client.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "frequency_penalty": 0, "user": "someone", "some_new_field": {"x": 1}})
+        assert ok.status_code == 200, ok.text
+        assert wait_idle(url)["requests_finished"] == 1
+
+
+def test_no_request_opens_files(tiny_random, default_model_dir, tmp_path, monkeypatch):
+    """``model`` naming a real model folder or a new file is refused, nothing loads or saves."""
+    import mlxq.loading
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a request reached file I/O")
+
+    monkeypatch.setattr(mlxq.loading, "load", forbidden)
+    monkeypatch.setattr(mlxq.loading, "load_model", forbidden)
+    monkeypatch.setattr(mx, "save_safetensors", forbidden)
+    monkeypatch.setattr(mx, "load", forbidden)
+    target = tmp_path / "written"
+    server = make_server(tiny_random)
+    with running(server) as url, httpx.Client(timeout=30) as client:
+        for name in (str(default_model_dir), str(target), "../../etc/passwd", MODEL_ID):
+            r = client.post(f"{url}/v1/chat/completions", json={
+                "model": name, "messages": [{"role": "user", "content": f"open {target}"}],
+                "max_tokens": 2, "stop": [str(target)]})
+            assert r.status_code == (200 if name == MODEL_ID else 404), r.text
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- memory admission ----------------------------------------------------------------------------
+def test_admission_queue_full_is_503_and_too_big_is_400(tiny_random):
+    from mlxq.server.scheduler import kv_bytes_needed
+
+    model, _ = tiny_random
+    one = kv_bytes_needed(model, {"kv_bits": 4}, 600, 512)
+    big = kv_bytes_needed(model, {"kv_bits": 4}, 1500, 512)
+    limit = (one + big) // 2
+    assert one < limit < min(big, 2 * one)
+    # Room for one request of ~600 tokens at a time and no waiting room.
+    server = make_server(tiny_random, kv_options={"kv_bits": 4}, max_kv_bytes=limit,
+                         max_waiting=0, prompt_cache_size=0)
+    long_body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 500,
+                 "stream": True}
+    with running(server) as url, httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=long_body) as r:
+            next(r.iter_lines())
+            busy = client.post(f"{url}/v1/chat/completions", json=long_body)
+            assert busy.status_code == 503
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert busy.json()["error"]["type"] == "server_busy"
+        too_big = client.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500})
+        assert too_big.status_code == 400
+        assert too_big.json()["error"]["code"] == "kv_memory_exceeded"
+        wait_idle(url)
+        ok = client.post(f"{url}/v1/chat/completions", json={**long_body, "stream": False,
+                                                             "max_tokens": 3})
+        assert ok.status_code == 200
+
+
+def test_waiting_requests_are_served_in_turn(tiny_random):
+    """More requests than memory allows at once: they queue, and all finish."""
+    from mlxq.server.scheduler import kv_bytes_needed
+
+    model, _ = tiny_random
+    one = kv_bytes_needed(model, {"kv_bits": 16}, 40, 512)
+    server = make_server(tiny_random, max_kv_bytes=2 * one, prompt_cache_size=0)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    with running(server) as url:
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body,
+                                                       timeout=60).status_code, range(6)))
+        h = wait_idle(url)
+    assert codes == [200] * 6
+    assert h["peak_batch"] <= 2
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_kv_estimate_bounds_real_cache_bytes(tiny_random, kv_bits):
+    from mlxq.cache import make_cache
+    from mlxq.generate import next_token, prefill_chunks
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import kv_bytes_needed
+
+    model, _ = tiny_random
+    for n_prompt, n_decode in ((3, 2), (300, 5), (700, 20)):
+        ids = [(7 * i) % 1000 + 10 for i in range(n_prompt)]
+        caches = make_cache(model, kv_bits=kv_bits)
+        peak = 0
+        for _ in prefill_chunks(model, ids, caches, 256):
+            peak = max(peak, sum(c.nbytes for c in caches))
+        y = mx.array(ids[-1:])
+        for _ in range(n_decode):
+            y = next_token(model, y, caches, make_sampler())
+            mx.eval(y)
+            peak = max(peak, sum(c.nbytes for c in caches))
+        bound = kv_bytes_needed(model, {"kv_bits": kv_bits}, n_prompt + n_decode, 256)
+        assert peak <= bound, (n_prompt, peak, bound)
+        assert bound <= 4 * peak + 2 * MB  # an upper bound, not a wild one
+
+
+# --- prefix cache ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_prefix_cache_reuses_an_earlier_conversation(small_default, kv_bits):
+    turn1 = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+    def conversation(url):
+        with httpx.Client(timeout=60) as client:
+            def ask(messages):
+                r = client.post(f"{url}/v1/chat/completions", json={
+                    "messages": messages, "max_tokens": 10})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            first = ask(turn1)
+            reply = first["choices"][0]["message"]["content"]
+            turn2 = turn1 + [{"role": "assistant", "content": reply},
+                             {"role": "user", "content": "And three more?"}]
+            return first, ask(turn2)
+
+    options = {"kv_options": {"kv_bits": kv_bits}}
+    with running(make_server(small_default, **options)) as url:
+        first, second = conversation(url)
+        h = wait_idle(url)
+    with running(make_server(small_default, prompt_cache_size=0, **options)) as url:
+        _, cold = conversation(url)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # Turn 2 starts with turn 1's prompt and reply.
+    assert cached >= first["usage"]["prompt_tokens"]
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert h["prefix_cache_entries"] >= 1
+    if kv_bits == 16:  # full precision: reusing keys/values is exact
+        assert second["choices"][0]["message"]["content"] == \
+            cold["choices"][0]["message"]["content"]
+
+
+def test_stop_strings_end_the_text_before_them(small_default):
+    body = {"messages": [{"role": "user", "content": "Tell me about the number 3."}],
+            "max_tokens": 12}
+    with running(make_server(small_default)) as url, httpx.Client(timeout=30) as client:
+        full = client.post(f"{url}/v1/chat/completions", json=body).json()
+        text = full["choices"][0]["message"]["content"]
+        assert len(text) > 6
+        stop = text[3:6]
+        cut = text[:text.index(stop)]
+        for stream in (False, True):
+            r = client.post(f"{url}/v1/chat/completions",
+                            json={**body, "stop": [stop, "never appears"], "stream": stream})
+            if stream:
+                events = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: {")]
+                got = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+                finish = events[-1]["choices"][0]["finish_reason"]
+            else:
+                got = r.json()["choices"][0]["message"]["content"]
+                finish = r.json()["choices"][0]["finish_reason"]
+            assert (got, finish) == (cut, "stop")
+
+
+# --- soak ---------------------------------------------------------------------------------------------
+def test_soak_200_requests_memory_bounded_by_prefix_cache(tiny_random):
+    cache_bound = 8 * MB
+    server = make_server(tiny_random, kv_options={"kv_bits": 4},
+                         prompt_cache_bytes=cache_bound, prompt_cache_size=50)
+
+    def ask(i):
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "prompt": f"Request {i}: the number {i * 37 % 101} is", "max_tokens": 3,
+            "temperature": 0.7, "seed": i, "stream": i % 2 == 0})
+        return r.status_code
+
+    with running(server) as url:
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(ask, range(20))) == {200}
+            base = wait_idle(url)
+            assert set(pool.map(ask, range(20, 220))) == {200}
+        end = wait_idle(url)
+    assert end["requests_finished"] == 220
+    assert end["prefix_cache_bytes"] <= cache_bound
+    growth = end["mlx_active_memory"] - base["mlx_active_memory"]
+    assert growth <= cache_bound, (base, end)
+
+
+def test_parse_chat_developer_role_and_text_parts():
+    served = ServedModel(id="m", context_length=100, vocab_size=10)
+    seen = []
+    params = parse_chat({"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                       "text": "b"}]}],
+        "max_completion_tokens": 95}, served, lambda m: seen.append(m) or [1] * 10)
+    assert seen == [[{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": "ab"}]]
+    assert params.max_tokens == 91  # clamped to the context: 100 - 10 + 1
+
+
+# --- the command line -------------------------------------------------------------------------------
+def test_command_line_serves_and_stops_on_ctrl_c(hf_checkpoint):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    folder, _, _ = hf_checkpoint(hidden_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=512)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxq.server", "--model", str(folder), "--port", "0",
+         "--kv-bits", "4", "--max-kv-memory", "1GB"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert m, line
+        url = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": str(folder), "prompt": "Hello", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)  # 130: the conventional Ctrl-C exit
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_command_line_errors_are_one_line(capsys):
+    from mlxq.server.__main__ import main
+    from mlxq.server.background import bind_socket
+
+    taken = bind_socket("127.0.0.1", 0)
+    taken.listen()  # a port in use: another server listens on it
+    try:
+        port = str(taken.getsockname()[1])
+        for argv, message in ((["--port", "70000"], "--port must be at most 65535"),
+                              (["--decode-concurrency", "0"], "--decode-concurrency must be"),
+                              (["--kv-bits", "4", "--kv-recent", "-1"],
+                               "--kv-recent must be at least 0"),
+                              (["--kv-recent", "8"], "applies to a quantized KV cache only"),
+                              (["--port", port], "cannot listen on 127.0.0.1:" + port)):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("mlxq.server: error: ") and message in err, err
+            assert err.count("\n") == 1
+    finally:
+        taken.close()

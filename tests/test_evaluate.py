@@ -109,7 +109,8 @@ def test_schedule_feeds_every_token_once_in_decode_sized_steps():
 @pytest.mark.parametrize("args", [dict(context=10, windows=0, prefill=1, step=8),
                                   dict(context=10, windows=1, prefill=1, step=9),
                                   dict(context=10, windows=1, prefill=0, step=8),
-                                  dict(context=3, windows=1, prefill=2, step=8)])
+                                  dict(context=3, windows=1, prefill=2, step=8),
+                                  dict(context=10, windows=1, prefill=1, step=8, batch=0)])
 def test_bad_settings_are_user_errors(args):
     with pytest.raises(MlxqError):
         check_settings(**args)
@@ -168,6 +169,7 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--step", "9"], "--step"),
+    (["--batch", "0"], "--batch"),
     (["--kv-bits", "16"], "no quantized format"),
     (["--text-file", "/nonexistent/x.txt"], "does not exist"),
     (["--context", "2", "--prefill", "1"], "--context"),

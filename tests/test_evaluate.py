@@ -109,7 +109,8 @@ def test_schedule_feeds_every_token_once_in_decode_sized_steps():
 @pytest.mark.parametrize("args", [dict(context=10, windows=0, prefill=1, step=8),
                                   dict(context=10, windows=1, prefill=1, step=9),
                                   dict(context=10, windows=1, prefill=0, step=8),
-                                  dict(context=3, windows=1, prefill=2, step=8)])
+                                  dict(context=3, windows=1, prefill=2, step=8),
+                                  dict(context=10, windows=1, prefill=1, step=8, batch=0)])
 def test_bad_settings_are_user_errors(args):
     with pytest.raises(MlxqError):
         check_settings(**args)
@@ -168,6 +169,7 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--step", "9"], "--step"),
+    (["--batch", "0"], "--batch"),
     (["--kv-bits", "16"], "no quantized format"),
     (["--text-file", "/nonexistent/x.txt"], "does not exist"),
     (["--context", "2", "--prefill", "1"], "--context"),
@@ -178,3 +180,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mlxq.evaluate: error:") and message in err
     assert "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random llama with head dim 64 (what the quantized caches support)."""
+    import mlxq
+    from conftest import tiny_config, tiny_weights, write_hf_checkpoint
+
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    folder = write_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", config,
+                                 tiny_weights(config), dtype="float32")
+    return mlxq.load(folder)
+
+
+def test_batched_windows_give_the_numbers_of_one_window_at_a_time(tiny_model):
+    """--batch runs windows as rows of one batch; every figure must match batch 1 (one
+    window after another, the unbatched schedule), including each window's perplexity."""
+    model, tokenizer = tiny_model
+    context, windows = 30, 3
+    tokens = np.random.default_rng(0).integers(3, 320, context * windows)
+    formats = [KVFormat(4, 64, True, 0, 0, 0), KVFormat(4, 64, True, 0, 8, 2),
+               KVFormat(8, 64, False, 0, 0, 0)]
+    reports = [evaluate(model, tokenizer, tokens, formats, context=context, windows=windows,
+                        batch=b) for b in (1, 2, 3)]
+    base = reports[0]["results"]
+    assert [r["format"] for r in base] == ["fp"] + [f.name for f in formats]
+    assert base[1]["kl_mean"] > 0 and base[1]["top1_agreement"] < 1  # int4 is exercised
+    for report in reports[1:]:
+        assert report["tokens_scored"] == reports[0]["tokens_scored"] == windows * (context - 1)
+        for one, batched in zip(base, report["results"]):
+            for key in ("ppl", "rel_ppl_change", "kl_mean", "kl_p99", "top1_agreement"):
+                if key in one:
+                    assert batched[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+            np.testing.assert_allclose(batched["window_ppl"], one["window_ppl"], rtol=1e-5)

@@ -73,11 +73,8 @@ def attend_stored(queries, cache: QuantizedKVCache, scale: float, new_rows=None)
     L = queries.shape[2]
     if L <= MAX_QUERY_TOKENS and cache.backend != "reference":
         return _fused_decode(queries, cache, scale)
-    rotation = cache.rotation
-    q = rotation.forward(queries) if rotation is not None else queries
-    out = segmented_attention(q, _query_positions(cache, L), _segments(cache, L, new_rows),
-                              scale)
-    return rotation.inverse(out) if rotation is not None else out
+    return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
+        q, _query_positions(cache, L), _segments(cache, L, new_rows), scale))
 
 
 def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: float):
@@ -85,12 +82,10 @@ def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: flo
     cache.append(keys, values)
     if cache.backend != "reference":
         return _decode_kernels(queries, cache, cache.store, cache.fp, cache.lens, scale)
-    rotation = cache.rotation
-    q = rotation.forward(queries) if rotation is not None else queries
     segments = cache_segments(cache.store, cache.fp, cache.lens, cache.sink, cache.recent,
                               cache.head_dim, cache.bits, cache.group_size)
-    out = segmented_attention(q, (cache.offset - 1)[:, None], segments, scale)
-    return rotation.inverse(out) if rotation is not None else out
+    return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
+        q, (cache.offset - 1)[:, None], segments, scale))
 
 
 def _fused_decode(queries, cache, scale):
@@ -100,12 +95,20 @@ def _fused_decode(queries, cache, scale):
 
 
 def _decode_kernels(queries, cache, store, fp, lens, scale):
-    rotate_outside = cache.rotation is not None and not cache.kernel_rotates
-    q = cache.rotation.forward(queries) if rotate_outside else queries
-    out = segmented_decode_attention(
-        q, store, fp, lens, cache.sink, cache.recent, scale, cache.bits, cache.group_size,
-        cache.signs if cache.kernel_rotates else None, cache.backend)
-    return cache.rotation.inverse(out) if rotate_outside else out
+    # The kernels rotate in registers (power-of-two head dims), else MLX ops around them.
+    signs = cache.signs if cache.kernel_rotates else None
+    return _in_rotated_basis(None if cache.kernel_rotates else cache.rotation, queries,
+                             lambda q: segmented_decode_attention(
+                                 q, store, fp, lens, cache.sink, cache.recent, scale,
+                                 cache.bits, cache.group_size, signs, cache.backend))
+
+
+def _in_rotated_basis(rotation, queries, attention):
+    """attention(queries) with the cache's rotation applied to the queries and undone on
+    the output (keys and values are stored rotated); ``rotation`` None: as is."""
+    if rotation is None:
+        return attention(queries)
+    return rotation.inverse(attention(rotation.forward(queries)))
 
 
 def _buffers(cache, B):

@@ -146,7 +146,7 @@ def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
     8K-token prefill of the whole model takes most of an hour on a 2-core CPU."""
     from mlxq.attention import attend
     from mlxq.cache import cache_nbytes, make_cache
-    from mlxq.server.scheduler import kv_bytes_needed
+    from mlxq.server.scheduler import BatchDecoder
 
     heads, kv_heads, dim = model.args.num_attention_heads, model.n_kv_heads, model.head_dim
     caches = make_cache(model, **kv)
@@ -166,7 +166,7 @@ def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
     del caches
     mx.clear_cache()
     return {"measured_bytes": measured, "fill_s": fill_s,
-            "admission_bytes": kv_bytes_needed(model, kv, tokens, chunk)}
+            "admission_bytes": BatchDecoder(model, kv).kv_bytes([tokens])}
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     from mlxq.default_model import default_model_path
     from mlxq.loading import load
     from mlxq.server import create_server
+    from mlxq.server.scheduler import BatchDecoder
 
     machine = common.machine_info()
     print(f"# {common.machine_title(machine)}", flush=True)
@@ -271,8 +272,10 @@ def main(argv=None) -> int:
                          "requests_per_stream": args.requests, "max_tokens": args.max_tokens,
                          "session_tokens": args.session_tokens, "budgets_gb": args.budgets,
                          "quick": args.quick, "prefix_cache": False,
-                         "batch_decode": "one forward per sequence per step (see "
-                                         "mlxq/server/scheduler.py)"},
+                         "batch_decode": {key: "one (B, 1) forward per step"
+                                          if BatchDecoder(model, kv).batched else
+                                          "one forward per sequence per step"
+                                          for key, _, kv in kv_paths(machine)}},
             "results": rows, "sessions": sessions}
     common.write_json(json_path, data)
     plot(png_path, rows, sessions, machine, model_desc)

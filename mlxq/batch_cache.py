@@ -2,20 +2,44 @@
 
 Continuous batching keeps a running batch: a sequence is prefilled alone (in a
 ``QuantizedKVCache``), joins the batch with ``extend`` and leaves it with ``filter``
-(mlx-lm's ``BatchKVCache`` names), each a one-time copy of the sequences' rows. In
+(mlx-lm's ``BatchKVCache`` names), each a one-time copy of the sequences' rows, and
+``extract`` gives one sequence back as a plain ``QuantizedKVCache`` (what it would hold
+had it decoded alone: the server's prefix cache keeps it). In
 between, every decode step appends one token per sequence at that sequence's own position
 and the fused kernel attends each sequence over its own length (``lens``), so one forward
 pass decodes the whole batch. The layout is ``QuantizedKVCache``'s, per sequence, plus one
 scratch row in the store and one scratch slot in the float16 buffer: a sequence whose new
 token has no place there (still in the sink; no window) writes it to the scratch, which no
 kernel reads. ``offset`` is an array of lengths, which RoPE takes per sequence.
+
+Every row of the store has the longest sequence's capacity (``store_rows``), so a batch
+allocates ``batch_nbytes``: what the server reserves for the sequences it runs together.
 """
 
 import mlx.core as mx
 
 from .errors import MlxqError
 from .kernels.kv_layout import row_words
+from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions
+
+_FP16_BYTES = 2
+
+
+def store_rows(config: KVCacheConfig, longest: int) -> int:
+    """Store rows of a batch whose longest sequence holds ``longest`` tokens: the rows
+    past the sink, the scratch row and the next token's row, in whole ``step`` blocks."""
+    return -(-max(1, longest - config.sink + 2) // config.step) * config.step
+
+
+def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
+                 tokens: int) -> int:
+    """An upper bound on one layer's ``BatchQuantizedKVCache`` bytes for ``sequences``
+    sequences that each hold fewer than ``tokens`` tokens (``nbytes`` stays within it)."""
+    fp_slots = config.sink + config.recent + 1  # + the scratch slot
+    return sequences * heads * (
+        store_rows(config, tokens - 1) * 4 * row_words(head_dim, config.bits, config.group_size)
+        + fp_slots * 2 * head_dim * _FP16_BYTES)
 
 
 class BatchQuantizedKVCache(QuantizedOptions):
@@ -38,7 +62,7 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.lengths = [c.offset for c in caches]
         self.window_lengths = [c.window_length for c in caches]
         self.store, self.fp = self._stack([c.store for c in caches], [c.fp for c in caches],
-                                          max(self.lengths) + 1)
+                                          max(self.lengths))
 
     # --- what attention reads ---------------------------------------------------------
     @property
@@ -55,12 +79,12 @@ class BatchQuantizedKVCache(QuantizedOptions):
         return self.store.nbytes + self.fp.nbytes
 
     # --- joining and leaving --------------------------------------------------------
-    def _stack(self, stores, fps, max_length):
+    def _stack(self, stores, fps, longest):
         """Whole buffers for the batch: rows padded to one capacity (+ the scratch row),
         float16 buffers to sink + recent slots (+ the scratch slot)."""
-        D, S, R, step = self.head_dim, self.sink, self.recent, self.config.step
+        D, S, R = self.head_dim, self.sink, self.recent
         H = next(x for x in stores + fps if x is not None).shape[1]
-        rows = -(-max(1, max_length - S + 1) // step) * step
+        rows = store_rows(self.config, longest)
         words = row_words(D, self.bits, self.group_size)
 
         def padded(x, size, width, dtype):
@@ -85,11 +109,31 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.window_lengths += other.window_lengths
 
     def filter(self, keep: list):
-        """Keep the sequences at indices ``keep`` (in that order); the others leave."""
-        index = mx.array(keep, dtype=mx.int32)
-        self.store, self.fp = self.store[index], self.fp[index]
+        """Keep the sequences at indices ``keep`` (in that order); the others leave, and
+        the store shrinks to the longest remaining sequence's rows."""
+        if not keep:
+            raise MlxqError("a batch needs at least one sequence")
         self.lengths = [self.lengths[i] for i in keep]
         self.window_lengths = [self.window_lengths[i] for i in keep]
+        rows = min(self.store.shape[2], store_rows(self.config, max(self.lengths)))
+        self.store = _gather(self.store, keep, rows)
+        self.fp = _gather(self.fp, keep, self.fp.shape[2])
+
+    def extract(self, i: int) -> QuantizedKVCache:
+        """Sequence ``i`` as its own ``QuantizedKVCache`` (a copy; the batch is unchanged):
+        the rows, slots, lengths and buffer capacities it would hold had it decoded
+        alone (the server's prefix cache keeps it)."""
+        n, S, R, D = self.lengths[i], self.sink, self.recent, self.head_dim
+        H = self.store.shape[1]
+        cache = QuantizedKVCache(self.config, self.layer_index, self.backend)
+        cache.head_dim, cache.rotation, cache.signs = D, self.rotation, self.signs
+        if n > S:
+            cache._ensure_store(1, H, D, n - S)
+            cache.store[:, :, :n - S] = _gather(self.store, [i], n - S)
+        cache._ensure_fp(1, H, D, min(n, S) + min(R, max(0, n - S)))
+        cache.fp = _gather(self.fp, [i], cache.fp.shape[2])
+        cache.offset, cache.window_length = n, self.window_lengths[i]
+        return cache
 
     # --- writing --------------------------------------------------------------------
     def append(self, keys, values):
@@ -114,6 +158,12 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
                                for n, w in zip(self.lengths, self.window_lengths)]
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def _gather(buffer, sequences: list, slots: int):
+    """The first ``slots`` rows of these sequences, in a buffer of their own. (A slice,
+    also after indexing, is a view that keeps the whole source buffer alive.)"""
+    return mx.take(buffer[:, :, :slots], mx.array(sequences, dtype=mx.int32), axis=0)
 
 
 def _put_rows(buffer, positions, rows):

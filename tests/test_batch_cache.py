@@ -100,3 +100,107 @@ def test_batched_steps_write_in_place(model):
         before = [(_address(c.store), _address(c.fp)) for c in batch]
         mx.eval(model(mx.array([[1], [2]]), cache=batch))
         assert [(_address(c.store), _address(c.fp)) for c in batch] == before
+
+
+def _keys(rng, n, heads=2, dim=64):
+    return [mx.array(rng.standard_normal((1, heads, n, dim)).astype(np.float32))
+            for _ in range(2)]
+
+
+def _same_cache(got, want):
+    """The same stored tokens, lengths and buffer capacities."""
+    assert (got.offset, got.window_length, got.head_dim) == \
+        (want.offset, want.window_length, want.head_dim)
+    for name in ("store", "fp"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.shape == b.shape, name
+    for name, value in want.state.items():
+        np.testing.assert_array_equal(np.asarray(got.state[name]), np.asarray(value), name)
+
+
+@pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3)])
+def test_extract_equals_the_sequence_appended_alone(config):
+    """Sequences of 1, 5, 20 tokens (+ one that joins later, and one that leaves) get the
+    same tokens appended in a batch and alone: ``extract`` gives back exactly the cache
+    decoded alone (rows, float16 slots, lengths, capacities)."""
+    from mlxq.quantized_cache import QuantizedKVCache
+
+    rng = np.random.default_rng(2)
+    prompts = [_keys(rng, n) for n in (1, 5, 20, 9)]
+
+    def prefilled(keys_values):
+        cache = QuantizedKVCache(config, layer_index=1)
+        cache.append(*keys_values)
+        return cache
+
+    batch = BatchQuantizedKVCache([prefilled(p) for p in prompts[:3]])
+    alone = [prefilled(p) for p in prompts[:3]]
+    for step in range(14):  # past the sink and across the window's wrap
+        if step == 4:  # a newcomer joins and a sequence leaves
+            batch.extend(BatchQuantizedKVCache([prefilled(prompts[3])]))
+            alone.append(prefilled(prompts[3]))
+            batch.filter([0, 2, 3])
+            del alone[1]
+        k, v = (mx.array(rng.standard_normal((len(alone), 2, 1, 64)).astype(np.float32))
+                for _ in range(2))
+        batch.append(k, v)
+        for i, cache in enumerate(alone):
+            cache.append(k[i:i + 1], v[i:i + 1])
+    assert batch.lengths == [c.offset for c in alone] == [15, 34, 19]
+    for i, cache in enumerate(alone):
+        _same_cache(batch.extract(i), cache)
+
+
+def test_extracted_caches_predict_what_the_sequence_alone_predicts(model):
+    """After batched decode steps of the model, each extracted sequence's caches give the
+    next logits of that sequence decoded alone, and keep decoding as their own caches."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 300, n).tolist() for n in PROMPTS]
+    alone = [_prefill(model, p, "reference")[0] for p in prompts]
+    batch = _batch([_prefill(model, p, "reference")[0] for p in prompts])
+    for step in range(4):
+        tokens = [int(rng.integers(1, 300)) for _ in prompts]
+        model(mx.array(tokens)[:, None], cache=batch)
+        for i, caches in enumerate(alone):
+            model(mx.array([[tokens[i]]]), cache=caches)
+    for i, caches in enumerate(alone):
+        extracted = [layer.extract(i) for layer in batch]
+        for step in range(2):
+            token = mx.array([[int(rng.integers(1, 300))]])
+            np.testing.assert_allclose(np.asarray(model(token, cache=extracted)),
+                                       np.asarray(model(token, cache=caches)),
+                                       atol=1e-4, rtol=1e-4)
+    assert batch[0].lengths == [n + 4 for n in PROMPTS]  # the batch itself is unchanged
+
+
+def test_byte_formulas_agree_with_the_caches():
+    """``quantized_nbytes`` is what a cache allocates, however its tokens arrived;
+    ``batch_nbytes`` bounds a batch's bytes at every step (and is reached)."""
+    from mlxq.batch_cache import batch_nbytes
+    from mlxq.quantized_cache import QuantizedKVCache, quantized_nbytes
+
+    config = KVCacheConfig(4, 32, recent=70, sink=4, step=16)
+    rng = np.random.default_rng(5)
+    for chunks in ([1], [3], [4, 1], [50], [7, 60, 1, 1], [200, 30]):
+        cache = QuantizedKVCache(config)
+        for n in chunks:
+            cache.append(*_keys(rng, n))
+            assert cache.nbytes == quantized_nbytes(config, 2, 64, cache.offset), chunks
+    caches = []
+    for n in (2, 40, 75):
+        caches.append(QuantizedKVCache(config))
+        caches[-1].append(*_keys(rng, n))
+    batch = BatchQuantizedKVCache(caches)
+    reached = False
+    for step in range(40):
+        B = len(batch.lengths)
+        bound = batch_nbytes(config, 2, 64, B, max(batch.lengths) + 1)
+        assert batch.nbytes <= bound
+        reached |= batch.nbytes == bound
+        batch.append(*(mx.zeros((B, 2, 1, 64)) for _ in range(2)))
+        if step == 20:
+            batch.filter([0, 1])  # the longest leaves: the store shrinks with it
+            assert batch.nbytes == batch_nbytes(config, 2, 64, 2, max(batch.lengths) + 1)
+    assert reached

@@ -153,6 +153,8 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
     assert len(results) == 48
     assert all(finish in ("stop", "length") for _, (_, finish) in results)
     assert h["peak_batch"] > 4  # requests really ran together
+    # ... and each decode step was one forward of all of them (int4: the batched cache).
+    assert h["decode_forwards"] == h["decode_steps"]
     for prompt, got in results:
         if prompt in alone:
             assert got == alone[prompt], prompt
@@ -162,6 +164,66 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
         expected = generate(model, tokenizer, chat_ids(tokenizer, prompt),
                             max_tokens=6 + len(prompt) % 5, kv_bits=4)
         assert alone[prompt][0] == expected
+
+
+def test_one_forward_per_decode_step_as_sequences_join_and_leave(tiny_random, monkeypatch):
+    """The scheduler driven step by step: a request decodes alone, two of other lengths
+    join mid-stream and leave before it. Every decode step is one batched attention call
+    per layer over all decoding sequences, and every request gets the tokens it gets
+    alone (mlxq.generate)."""
+    import mlxq.attention as attention
+    from mlxq.generate import stream_generate
+    from mlxq.server.prefix_cache import PrefixCache
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import Scheduler
+
+    model, tokenizer = tiny_random
+    layers = len(model.layers)
+    batch_sizes, single_decodes = [], []
+    batch_attend, quantized_attend = attention.batch_attend, attention.quantized_attend
+    monkeypatch.setattr(attention, "batch_attend", lambda q, *a: (
+        batch_sizes.append(q.shape[0]), batch_attend(q, *a))[1])
+    monkeypatch.setattr(attention, "quantized_attend", lambda q, *a: (
+        single_decodes.append(q.shape[2] == 1), quantized_attend(q, *a))[1])
+    scheduler = Scheduler(model, tokenizer, {"kv_bits": 4}, PrefixCache(0, 0),
+                          max_kv_bytes=10**9, prefill_step_size=4)
+    # Prompts fed in chunks of 4 with no 1-token chunk: any 1-token attention is a decode.
+    requests = {"long": (list(range(30, 51)), 20), "short": (list(range(60, 65)), 8),
+                "mid": (list(range(70, 82)), 6)}
+    seqs = {}
+
+    def submit(name):
+        ids, max_tokens = requests[name]
+        scheduler.submit(CompletionParams(False, ids, max_tokens), lambda event: None)
+        seqs[name] = scheduler._waiting[-1]
+
+    def iterate():
+        steps = scheduler.stats()["decode_steps"]
+        scheduler._iteration(set())
+        return scheduler.stats()["decode_steps"] - steps
+
+    submit("long")
+    while len(seqs["long"].sampled) < 3:
+        iterate()
+    submit("short")
+    submit("mid")
+    steps = 3
+    while scheduler._active:
+        steps += iterate()
+    assert not any(single_decodes)
+    assert len(batch_sizes) == layers * steps == layers * scheduler.stats()["decode_steps"]
+    per_step = batch_sizes[::layers]
+    assert per_step == [b for b in batch_sizes[layers - 1::layers]]
+    # The batch grows as the newcomers' prefills end and shrinks as they finish.
+    assert per_step[:3] == [1, 1, 1]
+    assert [b for i, b in enumerate(per_step) if i == 0 or b != per_step[i - 1]] == \
+        [1, 2, 3, 2, 1]
+    assert sum(per_step) == sum(len(s.sampled) for s in seqs.values())
+    assert scheduler.decoder.rows == [] and scheduler.stats()["kv_active_bytes"] == 0
+    for name, (ids, max_tokens) in requests.items():
+        alone = [r.token for r in stream_generate(model, tokenizer, ids,
+                                                  max_tokens=max_tokens, kv_bits=4)]
+        assert seqs[name].sampled == alone, name
 
 
 def test_client_disconnect_frees_slot_and_memory(tiny_random):
@@ -190,6 +252,40 @@ def test_client_disconnect_frees_slot_and_memory(tiny_random):
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_disconnect_leaves_the_running_batch_and_frees_its_memory(tiny_random):
+    """Two streams decode as one batch; one client goes away: its row leaves the batch
+    (and its bytes), the other stream keeps going; when both are gone, MLX's active
+    memory is back where it started."""
+    server = make_server(tiny_random, kv_options={"kv_bits": 4}, prompt_cache_size=0)
+    body = {"messages": [{"role": "user", "content": "Count to one thousand."}],
+            "max_tokens": 1500, "stream": True}
+    with running(server) as url, httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+        assert a.post(f"{url}/v1/chat/completions",
+                      json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+        base = wait_idle(url)
+        with a.stream("POST", f"{url}/v1/chat/completions", json=body) as ra:
+            lines_a = ra.iter_lines()
+            with b.stream("POST", f"{url}/v1/chat/completions", json=body) as rb:
+                lines_b = rb.iter_lines()
+                deadline = time.monotonic() + 20
+                while health(url)["batch"] < 2:
+                    next(lines_a), next(lines_b)
+                    assert time.monotonic() < deadline
+                both = health(url)
+            # b is gone: a alone in the batch, fewer bytes, and a still streams.
+            deadline = time.monotonic() + 20
+            while (h := health(url))["batch"] != 1:
+                next(lines_a)
+                assert time.monotonic() < deadline
+            assert h["requests_cancelled"] == 1 and h["active"] == 1
+            assert 0 < h["kv_active_bytes"] < both["kv_active_bytes"]
+            assert [next(lines_a) for _ in range(6)]
+        end = wait_idle(url)
+    assert end["requests_cancelled"] == 2 and end["batch"] == 0
+    assert end["kv_active_bytes"] == 0
+    assert end["mlx_active_memory"] <= base["mlx_active_memory"]
 
 
 # --- bad requests ------------------------------------------------------------------------------

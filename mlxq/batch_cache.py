@@ -14,11 +14,16 @@ kernel reads. ``offset`` is an array of lengths, which RoPE takes per sequence.
 
 Every row of the store has the longest sequence's capacity (``store_rows``), so a batch
 allocates ``batch_nbytes``: what the server reserves for the sequences it runs together.
+
+``BatchKVCache`` is the same for the full-precision ``KVCache`` (``--kv-bits 16``): keys
+and values (B, H, rows, D), a sequence's token p in row p, and attention masks each
+sequence to its own length (MLX's fused SDPA with a boolean mask; ``mask``).
 """
 
 import mlx.core as mx
 
 from .errors import MlxqError
+from .cache import KVCache
 from .kernels.kv_layout import row_words
 from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions
@@ -29,7 +34,7 @@ _FP16_BYTES = 2
 def store_rows(config: KVCacheConfig, longest: int) -> int:
     """Store rows of a batch whose longest sequence holds ``longest`` tokens: the rows
     past the sink, the scratch row and the next token's row, in whole ``step`` blocks."""
-    return -(-max(1, longest - config.sink + 2) // config.step) * config.step
+    return _blocks(max(1, longest - config.sink + 2), config.step)
 
 
 def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
@@ -78,6 +83,11 @@ class BatchQuantizedKVCache(QuantizedOptions):
     def nbytes(self) -> int:
         return self.store.nbytes + self.fp.nbytes
 
+    @property
+    def state(self):
+        """The buffers (what to evaluate after joining or leaving)."""
+        return self.store, self.fp
+
     # --- joining and leaving --------------------------------------------------------
     def _stack(self, stores, fps, longest):
         """Whole buffers for the batch: rows padded to one capacity (+ the scratch row),
@@ -101,9 +111,7 @@ class BatchQuantizedKVCache(QuantizedOptions):
         if other.config != self.config or other.layer_index != self.layer_index:
             raise MlxqError("sequences of one batch need the same KV cache options")
         rows = max(self.store.shape[2], other.store.shape[2])
-        grow = lambda x: mx.concatenate(  # noqa: E731
-            [x, mx.zeros((*x.shape[:2], rows - x.shape[2], x.shape[3]), x.dtype)], axis=2)
-        self.store = mx.concatenate([grow(self.store), grow(other.store)])
+        self.store = mx.concatenate([_pad_rows(self.store, rows), _pad_rows(other.store, rows)])
         self.fp = mx.concatenate([self.fp, other.fp])
         self.lengths += other.lengths
         self.window_lengths += other.window_lengths
@@ -158,6 +166,110 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
                                for n, w in zip(self.lengths, self.window_lengths)]
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def full_precision_nbytes(step: int, heads: int, head_dim: int, itemsize: int,
+                          sequences: int, tokens: int) -> int:
+    """Bytes of full-precision caches (``KVCache`` for one sequence, ``BatchKVCache`` for
+    several) whose sequences each hold fewer than ``tokens`` tokens: keys and values in
+    whole ``step`` blocks, every row as long as the longest (an upper bound)."""
+    return sequences * 2 * heads * _blocks(max(tokens, 1), step) * head_dim * itemsize
+
+
+def _blocks(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class BatchKVCache:
+    """One layer's full-precision cache for a batch of sequences, each at its own length.
+    Same API as ``BatchQuantizedKVCache``; attention reads it with ``mask``."""
+
+    def __init__(self, caches: list):
+        if not caches:
+            raise MlxqError("a batch needs at least one sequence")
+        first = caches[0]
+        for c in caches:
+            if not isinstance(c, KVCache) or (c.step, c.dtype) != (first.step, first.dtype):
+                raise MlxqError("sequences of one batch need the same KV cache options")
+            if c.keys is None:
+                raise MlxqError("prefill a sequence before it joins a batch")
+        self.step, self.dtype = first.step, first.dtype
+        self.lengths = [c.offset for c in caches]
+        rows = _blocks(max(self.lengths) + 1, self.step)  # + the next token's row
+        self.keys = mx.concatenate([_pad_rows(c.keys[:, :, :c.offset], rows) for c in caches])
+        self.values = mx.concatenate([_pad_rows(c.values[:, :, :c.offset], rows)
+                                      for c in caches])
+
+    @property
+    def offset(self):
+        """Per-sequence lengths (B,), what RoPE takes as positions."""
+        return mx.array(self.lengths, dtype=mx.int32)
+
+    @property
+    def mask(self):
+        """(B, 1, 1, rows): True where a row holds one of that sequence's tokens."""
+        rows = mx.arange(self.keys.shape[2], dtype=mx.int32)
+        return (rows[None] < self.offset[:, None])[:, None, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def update_and_fetch(self, keys, values):
+        """One new token per sequence, (B, H, 1, D), each in its own next row; returns all
+        rows (attend them under ``mask``)."""
+        if keys.shape[2] != 1 or keys.shape[0] != len(self.lengths):
+            raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
+                            f"{len(self.lengths)} sequences")
+        if max(self.lengths) >= self.keys.shape[2]:
+            rows = self.keys.shape[2] + self.step
+            self.keys, self.values = _pad_rows(self.keys, rows), _pad_rows(self.values, rows)
+        self.keys = _put_rows(self.keys, self.lengths, keys.astype(self.dtype))
+        self.values = _put_rows(self.values, self.lengths, values.astype(self.dtype))
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.keys, self.values
+
+    def extend(self, other: "BatchKVCache"):
+        """Add ``other``'s sequences after this batch's (a copy of both)."""
+        if (other.step, other.dtype) != (self.step, self.dtype):
+            raise MlxqError("sequences of one batch need the same KV cache options")
+        rows = max(self.keys.shape[2], other.keys.shape[2])
+        self.keys = mx.concatenate([_pad_rows(self.keys, rows), _pad_rows(other.keys, rows)])
+        self.values = mx.concatenate([_pad_rows(self.values, rows),
+                                      _pad_rows(other.values, rows)])
+        self.lengths += other.lengths
+
+    def filter(self, keep: list):
+        """Keep the sequences at indices ``keep`` (in that order); rows shrink to the
+        longest remaining sequence's."""
+        if not keep:
+            raise MlxqError("a batch needs at least one sequence")
+        self.lengths = [self.lengths[i] for i in keep]
+        rows = min(self.keys.shape[2], _blocks(max(self.lengths) + 1, self.step))
+        self.keys = _gather(self.keys, keep, rows)
+        self.values = _gather(self.values, keep, rows)
+
+    def extract(self, i: int) -> KVCache:
+        """Sequence ``i`` as its own ``KVCache`` (a copy, the capacity it would have had
+        alone); the batch is unchanged."""
+        n = self.lengths[i]
+        cache = KVCache(step=self.step, dtype=self.dtype)
+        cache.keys = _gather(self.keys, [i], _blocks(n, self.step))
+        cache.values = _gather(self.values, [i], _blocks(n, self.step))
+        cache.offset = n
+        return cache
+
+
+def _pad_rows(x, rows: int):
+    """``x`` (B, H, n, W) with zero rows appended up to ``rows``."""
+    if x.shape[2] == rows:
+        return x
+    return mx.concatenate([x, mx.zeros((*x.shape[:2], rows - x.shape[2], x.shape[3]),
+                                       x.dtype)], axis=2)
 
 
 def _gather(buffer, sequences: list, slots: int):

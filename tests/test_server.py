@@ -124,10 +124,11 @@ def test_openai_client_plain_and_streamed(default_model):
 
 
 # --- continuous batching -----------------------------------------------------------------------
-def test_16_concurrent_streams_match_each_request_alone(tiny_random):
+@pytest.mark.parametrize("kv_bits", [4, 16])
+def test_16_concurrent_streams_match_each_request_alone(tiny_random, kv_bits):
     openai = pytest.importorskip("openai")
     # No prefix cache: a request's text must not depend on what ran before it either.
-    server = make_server(tiny_random, kv_options={"kv_bits": 4}, prompt_cache_size=0,
+    server = make_server(tiny_random, kv_options={"kv_bits": kv_bits}, prompt_cache_size=0,
                          decode_concurrency=16)
     prompts = [f"Tell me about the number {i}." for i in range(16 * 3)]
     with running(server) as url:
@@ -153,7 +154,7 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
     assert len(results) == 48
     assert all(finish in ("stop", "length") for _, (_, finish) in results)
     assert h["peak_batch"] > 4  # requests really ran together
-    # ... and each decode step was one forward of all of them (int4: the batched cache).
+    # ... and each decode step was one forward of all of them (the batched caches).
     assert h["decode_forwards"] == h["decode_steps"]
     for prompt, got in results:
         if prompt in alone:
@@ -162,7 +163,7 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
     model, tokenizer = tiny_random
     for prompt in prompts[:2]:
         expected = generate(model, tokenizer, chat_ids(tokenizer, prompt),
-                            max_tokens=6 + len(prompt) % 5, kv_bits=4)
+                            max_tokens=6 + len(prompt) % 5, kv_bits=kv_bits)
         assert alone[prompt][0] == expected
 
 

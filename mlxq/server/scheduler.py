@@ -11,15 +11,16 @@ HTTP 503 with Retry-After. Each iteration of the loop then
    prompt costs the running streams one chunk's delay per token, not the whole prompt,
 4. runs ``BatchDecoder.step`` over every request that is generating: one new token each.
 
-``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a decode step. With a
-quantized cache on mlxq's own models it keeps a running batch: per layer one
-``mlxq.batch_cache.BatchQuantizedKVCache``, which a sequence joins (``extend``) once its
-own prefill is done and leaves (``filter``, after ``extract`` of its caches for the
-prefix cache) when it finishes, fails or its client goes away. A step is then ONE (B, 1)
-forward of every generating sequence through the fused int4 kernel, each sequence at its
-own length; each row is sampled by its request's own sampler. Otherwise (``--kv-bits 16``,
-mlx-lm bridge models: ``decodes_as_one_batch`` says why) a step runs one forward per
-sequence over its own caches, evaluated together.
+``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a decode step. On
+mlxq's own models it keeps a running batch: per layer one batched cache from
+``mlxq.batch_cache`` (``BatchQuantizedKVCache`` for int4/int8, ``BatchKVCache`` for
+``--kv-bits 16``), which a sequence joins (``extend``) once its own prefill is done and
+leaves (``filter``, after ``extract`` of its caches for the prefix cache) when it
+finishes, fails or its client goes away. A step is then ONE (B, 1) forward of every
+generating sequence, each at its own length (int4: the fused kernel with per-sequence
+lengths); each row is sampled by its request's own sampler. Models from the mlx-lm
+bridge (``decodes_as_one_batch`` says why) run one forward per sequence over its own
+caches, evaluated together.
 
 Memory: the batch pads every sequence's store to the longest one's rows, so the running
 requests are reserved ``BatchDecoder.kv_bytes`` (the padded batch), not the sum of their
@@ -39,10 +40,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..backend import compute_dtype
-from ..batch_cache import BatchQuantizedKVCache, batch_nbytes
+from ..batch_cache import BatchKVCache, BatchQuantizedKVCache, batch_nbytes, full_precision_nbytes
 from ..cache import config_from_options, make_cache
 from ..generate import next_token, prefill_chunks
-from ..kv_config import KVCacheConfig
 from ..prompt_cache import PromptCache
 from ..quantized_cache import quantized_nbytes
 from ..sampling import make_sampler
@@ -56,25 +56,27 @@ def kv_bytes_needed(model, kv_options: dict, tokens: int) -> int:
     layers, heads, head_dim = len(model.layers), model.n_kv_heads, model.head_dim
     if config.quantized:
         return layers * quantized_nbytes(config, heads, head_dim, tokens)
-    blocks = -(-max(tokens, 1) // config.step) * config.step
-    return layers * blocks * 2 * heads * head_dim * mx.zeros((), compute_dtype()).itemsize
+    return layers * full_precision_nbytes(config.step, heads, head_dim, _itemsize(), 1, tokens)
 
 
-def decodes_as_one_batch(model, config: KVCacheConfig) -> bool:
-    """Whether a decode step runs every sequence through ONE (B, 1) forward over a
-    ``BatchQuantizedKVCache`` per layer; if not, one forward per sequence over its own
-    caches. The one place that decides. Per sequence where a batch cannot work:
+def _itemsize() -> int:
+    return mx.zeros((), compute_dtype()).itemsize
 
-    - ``--kv-bits 16``: the batched cache is the quantized one; no batched
-      full-precision cache exists yet.
-    - models built by the mlx-lm bridge (mlxq/mlx_lm_bridge.py): their layers see the
-      caches through views and masks made for one sequence at one integer offset (and
-      sliding-window layers keep mlx-lm's own caches). mlxq's own models (mlxq/models)
-      hand the batch's per-sequence offsets (an array) to ``mx.fast.rope``, which takes it.
+
+def decodes_as_one_batch(model) -> bool:
+    """Whether a decode step runs every sequence through ONE (B, 1) forward over a batched
+    cache per layer (``BatchQuantizedKVCache``, or ``BatchKVCache`` for ``--kv-bits 16``);
+    if not, one forward per sequence over its own caches. The one place that decides.
+
+    mlxq's own models (mlxq/models) batch: they hand the batch's per-sequence offsets (an
+    array) to ``mx.fast.rope``, which takes it, and attend through ``mlxq.attention``.
+    Models built by the mlx-lm bridge (mlxq/mlx_lm_bridge.py) do not: their layers see
+    the caches through views and masks made for one sequence at one integer offset, and
+    sliding-window layers keep mlx-lm's own caches.
     """
     from ..models.transformer import Model
 
-    return config.quantized and isinstance(model, Model)
+    return isinstance(model, Model)
 
 
 @dataclass(eq=False)  # compared by identity: the decoder keeps them in its batch
@@ -110,7 +112,7 @@ class BatchDecoder:
     """One decode step for a set of sequences: feed each its last token, sample the next.
 
     Batched (``decodes_as_one_batch``): ``rows`` are the sequences of the running batch
-    and ``caches`` its per-layer ``BatchQuantizedKVCache``; a step first makes the batch
+    and ``caches`` its per-layer batched caches; a step first makes the batch
     exactly the given sequences (newcomers join, anything else leaves), then runs one
     forward. Otherwise one forward per sequence over ``Sequence.caches``.
     """
@@ -119,7 +121,8 @@ class BatchDecoder:
         self.model = model
         self.kv_options = kv_options
         self.config = config_from_options(**kv_options)
-        self.batched = decodes_as_one_batch(model, self.config)
+        self.batched = decodes_as_one_batch(model)
+        self.batch_class = BatchQuantizedKVCache if self.config.quantized else BatchKVCache
         self.rows: list[Sequence] = []
         self.caches: list | None = None
         self.forwards = 0  # model calls made by decode steps (a count the tests read)
@@ -148,7 +151,7 @@ class BatchDecoder:
         if not newcomers:
             return
         for i in range(len(self.model.layers)):
-            joining = BatchQuantizedKVCache([s.caches[i] for s in newcomers])
+            joining = self.batch_class([s.caches[i] for s in newcomers])
             for s in newcomers:
                 s.caches[i] = None
             if self.caches is None:
@@ -158,7 +161,7 @@ class BatchDecoder:
             else:
                 self.caches[i].extend(joining)
             # Layer by layer: the old buffers go before the next layer is copied.
-            mx.eval(self.caches[i].store, self.caches[i].fp)
+            mx.eval(self.caches[i].state)
         for s in newcomers:
             s.caches = None
         self.rows += newcomers
@@ -181,7 +184,7 @@ class BatchDecoder:
         keep = [j for j in range(len(self.rows) + 1) if j != i]
         for layer in self.caches:
             layer.filter(keep)
-            mx.eval(layer.store, layer.fp)
+            mx.eval(layer.state)
         return caches
 
     def kv_bytes(self, token_counts: list[int]) -> int:
@@ -190,9 +193,12 @@ class BatchDecoder:
         if not token_counts:
             return 0
         if self.batched:
-            return len(self.model.layers) * batch_nbytes(
-                self.config, self.model.n_kv_heads, self.model.head_dim, len(token_counts),
-                max(token_counts))
+            layers, heads, dim = len(self.model.layers), self.model.n_kv_heads, self.model.head_dim
+            B, longest = len(token_counts), max(token_counts)
+            if self.config.quantized:
+                return layers * batch_nbytes(self.config, heads, dim, B, longest)
+            return layers * full_precision_nbytes(self.config.step, heads, dim, _itemsize(),
+                                                  B, longest)
         return sum(kv_bytes_needed(self.model, self.kv_options, n) for n in token_counts)
 
     @property

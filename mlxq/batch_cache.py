@@ -47,7 +47,23 @@ def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: in
         + fp_slots * 2 * head_dim * _FP16_BYTES)
 
 
-class BatchQuantizedKVCache(QuantizedOptions):
+class _Batch:
+    """What both batched caches share: ``lengths`` (one per sequence) and the buffers
+    named by ``state``."""
+
+    lengths: list
+
+    @property
+    def offset(self):
+        """Per-sequence lengths (B,), what RoPE takes as positions."""
+        return mx.array(self.lengths, dtype=mx.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.state)
+
+
+class BatchQuantizedKVCache(QuantizedOptions, _Batch):
     """One layer's cache for a batch of sequences (same config and layer)."""
 
     def __init__(self, caches: list):
@@ -71,17 +87,8 @@ class BatchQuantizedKVCache(QuantizedOptions):
 
     # --- what attention reads ---------------------------------------------------------
     @property
-    def offset(self):
-        """Per-sequence lengths (B,), what RoPE takes as positions."""
-        return mx.array(self.lengths, dtype=mx.int32)
-
-    @property
     def lens(self) -> list:
         return list(zip(self.lengths, self.window_lengths))
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.nbytes + self.fp.nbytes
 
     @property
     def state(self):
@@ -180,7 +187,7 @@ def _blocks(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-class BatchKVCache:
+class BatchKVCache(_Batch):
     """One layer's full-precision cache for a batch of sequences, each at its own length.
     Same API as ``BatchQuantizedKVCache``; attention reads it with ``mask``."""
 
@@ -201,19 +208,10 @@ class BatchKVCache:
                                       for c in caches])
 
     @property
-    def offset(self):
-        """Per-sequence lengths (B,), what RoPE takes as positions."""
-        return mx.array(self.lengths, dtype=mx.int32)
-
-    @property
     def mask(self):
         """(B, 1, 1, rows): True where a row holds one of that sequence's tokens."""
         rows = mx.arange(self.keys.shape[2], dtype=mx.int32)
         return (rows[None] < self.offset[:, None])[:, None, None]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
 
     @property
     def state(self):

@@ -255,6 +255,32 @@ def test_client_disconnect_frees_slot_and_memory(tiny_random):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
+def test_a_one_token_prompt_takes_its_first_step_alone_then_joins(tiny_random):
+    """A one-token prompt has no cache to join the batch with: its first decode step is a
+    forward of its own, the next ones are rows of the batch; its tokens are its own."""
+    from mlxq.generate import stream_generate
+    from mlxq.server.prefix_cache import PrefixCache
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import Scheduler
+
+    model, tokenizer = tiny_random
+    scheduler = Scheduler(model, tokenizer, {"kv_bits": 4}, PrefixCache(0, 0),
+                          max_kv_bytes=10**9)
+    seqs = []
+    for ids in ([40, 41, 42, 43, 44], [7]):
+        scheduler.submit(CompletionParams(False, ids, 5), lambda event: None)
+        seqs.append(scheduler._waiting[-1])
+    while scheduler._active or scheduler._waiting:
+        scheduler._iteration(set())
+    stats = scheduler.stats()
+    assert stats["peak_batch"] == 2
+    assert scheduler.decoder.forwards == stats["decode_steps"] + 1
+    for s in seqs:
+        ids = s.params.prompt_ids
+        assert s.sampled == [r.token for r in stream_generate(model, tokenizer, ids,
+                                                              max_tokens=5, kv_bits=4)]
+
+
 def test_disconnect_leaves_the_running_batch_and_frees_its_memory(tiny_random):
     """Two streams decode as one batch; one client goes away: its row leaves the batch
     (and its bytes), the other stream keeps going; when both are gone, MLX's active

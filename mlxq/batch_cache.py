@@ -1,4 +1,4 @@
-"""``BatchQuantizedKVCache``: several sequences decoding together, each at its own length.
+"""Batched caches: several sequences decoding together, each at its own length.
 
 Continuous batching keeps a running batch: a sequence is prefilled alone (in a
 ``QuantizedKVCache``), joins the batch with ``extend`` and leaves it with ``filter``
@@ -22,9 +22,9 @@ sequence to its own length (MLX's fused SDPA with a boolean mask; ``mask``).
 
 import mlx.core as mx
 
-from .errors import MlxqError
 from .cache import KVCache
-from .kernels.kv_layout import row_words
+from .errors import MlxqError
+from .kernels.kv_layout import row_bytes, row_words
 from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions
 
@@ -43,7 +43,7 @@ def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: in
     sequences that each hold fewer than ``tokens`` tokens (``nbytes`` stays within it)."""
     fp_slots = config.sink + config.recent + 1  # + the scratch slot
     return sequences * heads * (
-        store_rows(config, tokens - 1) * 4 * row_words(head_dim, config.bits, config.group_size)
+        store_rows(config, tokens - 1) * row_bytes(head_dim, config.bits, config.group_size)
         + fp_slots * 2 * head_dim * _FP16_BYTES)
 
 

@@ -281,6 +281,43 @@ def test_a_one_token_prompt_takes_its_first_step_alone_then_joins(tiny_random):
                                                               max_tokens=5, kv_bits=4)]
 
 
+def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
+    """A model built by the mlx-lm bridge cannot take the batch's per-sequence offsets: its
+    decode steps stay one forward per sequence, with each sequence's own tokens."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import next_token, prefill_chunks
+    from mlxq.models import build_model
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import BatchDecoder, Sequence
+
+    model = build_model({"model_type": "phi3", "hidden_size": 128, "num_hidden_layers": 2,
+                         "intermediate_size": 128, "num_attention_heads": 2,
+                         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 64,
+                         "rope_theta": 10000.0, "max_position_embeddings": 256,
+                         "tie_word_embeddings": False})
+    decoder = BatchDecoder(model, {"kv_bits": 4})
+    assert not decoder.batched
+    prompts = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13]]
+
+    def prefilled(ids):
+        caches = make_cache(model, kv_bits=4)
+        list(prefill_chunks(model, ids, caches, 512))
+        return caches
+
+    seqs = [Sequence(i, None, None, caches=prefilled(ids), last=mx.array(ids[-1:]),
+                     sampler=make_sampler()) for i, ids in enumerate(prompts)]
+    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    for step in range(3):
+        tokens = decoder.step(seqs)
+        for s, t in zip(seqs, tokens):
+            s.last = mx.array([t])
+        for i, (caches, last) in enumerate(alone):
+            y = next_token(model, last, caches, make_sampler())
+            assert tokens[i] == y.item()
+            alone[i] = (caches, y)
+    assert decoder.forwards == 6 and decoder.rows == []
+
+
 def test_disconnect_leaves_the_running_batch_and_frees_its_memory(tiny_random):
     """Two streams decode as one batch; one client goes away: its row leaves the batch
     (and its bytes), the other stream keeps going; when both are gone, MLX's active

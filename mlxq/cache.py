@@ -204,6 +204,10 @@ def _class_by_name(name: str):
         from .quantized_cache import QuantizedKVCache
 
         return QuantizedKVCache
+    if name == "WindowKVCache":
+        from .window_cache import WindowKVCache
+
+        return WindowKVCache
     raise MlxqError(f"unknown cache class {name!r} in the saved cache")
 
 

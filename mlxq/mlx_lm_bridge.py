@@ -13,13 +13,13 @@ caches:
   mlx-lm's cache protocol. For a quantized cache, ``update_and_fetch`` only holds the new
   keys/values and the attention call ends in ``mlxq.attention.attend``, which stores them
   and runs mlxq's fused kernel (learned attention sinks, gpt_oss, included). A
-  full-precision cache stores them at once and attends with
-  MLX's SDPA under the model's own mask and sinks: exactly mlx-lm's KVCache semantics.
+  full-precision cache stores them at once and attends with MLX's SDPA under the model's
+  own mask and sinks: exactly mlx-lm's KVCache semantics.
 - ``place_kv_caches`` (``mlxq.cache.make_cache`` calls it) gives layers whose mlx-lm cache
   is a ``RotatingKVCache`` (sliding windows: Gemma 3 five layers of six, GPT-OSS every
-  other) a ``WindowKVCache`` bounded by the window, and refuses the quantized cache, in one
-  error that says why, for layers it cannot serve: recurrent state (SSM / linear
-  attention), multi-head latent attention.
+  other) a ``WindowKVCache`` (window_cache.py) bounded by the window, and refuses the
+  quantized cache, in one error that says why, for layers it cannot serve: recurrent state
+  (SSM / linear attention), multi-head latent attention.
 
 mlx-lm's internal layout is what this relies on, hence the pinned versions (pyproject.toml).
 """
@@ -217,31 +217,10 @@ _STATE_REASONS = {
 }
 
 
-def _window_cache_class():
-    from mlx_lm.models.cache import RotatingKVCache
-
-    class WindowKVCache(RotatingKVCache):
-        """A sliding-window layer's cache: full precision, at most ``max_size`` tokens
-        kept (mlx-lm's RotatingKVCache; its memory does not grow with the context)."""
-
-        @property
-        def fp16_nbytes(self) -> int:
-            if self.keys is None:
-                return 0
-            B, H, cap, Dk = self.keys.shape
-            return B * H * cap * (Dk + self.values.shape[3]) * 2
-
-    return WindowKVCache
-
-
-_WINDOW_CLASS = None
-
-
 def window_cache(max_size: int, keep: int = 0):
-    global _WINDOW_CLASS
-    if _WINDOW_CLASS is None:
-        _WINDOW_CLASS = _window_cache_class()
-    return _WINDOW_CLASS(max_size=max_size, keep=keep)
+    from .window_cache import WindowKVCache
+
+    return WindowKVCache(max_size=max_size, keep=keep)
 
 
 def _model_type(model) -> str:

@@ -16,7 +16,7 @@ what mlxq's prompt caches need:
 
 from mlx_lm.models.cache import RotatingKVCache
 
-_FP16_BYTES = 2
+from .kernels.kv_layout import fp16_bytes
 
 
 class WindowKVCache(RotatingKVCache):
@@ -80,10 +80,8 @@ class WindowKVCache(RotatingKVCache):
     # --- bytes ------------------------------------------------------------------------
     @property
     def fp16_nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        B, H, cap, Dk = self.keys.shape
-        return B * H * cap * (Dk + self.values.shape[3]) * _FP16_BYTES
+        """What the window's buffers take in float16 (their dtype on the GPU)."""
+        return 0 if self.keys is None else fp16_bytes(*self.keys.shape, self.values.shape[3])
 
     # --- save / load ------------------------------------------------------------------
     @property

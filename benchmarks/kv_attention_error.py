@@ -22,7 +22,10 @@ suffixes, for quantizers the cache does not have:
                0.70) that minimizes the group's squared error (same bytes);
 - ``+kg32``:   keys quantized in groups of 32 (values keep the format's group);
 - ``+kcenter``: keys minus their per-channel mean over the whole window before quantizing
-               (exact for attention; an upper bound, as a cache cannot know that mean).
+               (exact for attention; an upper bound, as a cache cannot know that mean);
+- ``+kblock``: keys of each block of 64 tokens minus the per-channel mean of the previous
+               block's keys (known when the block's tokens arrive: they are still in the
+               float16 window); a cache would store one mean per block, 2 bytes a token.
 
     python benchmarks/kv_attention_error.py --context 4096 --queries 512 \\
         --formats int4-g64-rot-w256-s4 int4-g64-rot-w256-s4+mse int4-g64-rot-w128-s4
@@ -49,7 +52,8 @@ from mlxq.output_files import check_output_file, write_text_file  # noqa: E402
 from mlxq.quantized_cache import QuantizedKVCache  # noqa: E402
 from mlxq.rotation import HadamardRotation  # noqa: E402
 
-MODIFIERS = ("mse", "kg32", "kcenter")
+MODIFIERS = ("mse", "kg32", "kcenter", "kblock")
+BLOCK = 64  # tokens per block of +kblock
 MSE_SHRINK = np.linspace(1.0, 0.70, 16)
 
 
@@ -125,7 +129,16 @@ def quantize_dequantize(x, bits: int, group_size: int, mse: bool = False):
 def stored_kv(k, v, fmt: KVCacheConfig, mods: set):
     """The keys/values attention reads from the quantized store, in the rotated basis."""
     mse = "mse" in mods
-    center = k.mean(axis=1, keepdims=True) if "kcenter" in mods else 0.0
+    center = 0.0
+    if "kcenter" in mods:
+        center = k.mean(axis=1, keepdims=True)
+    elif "kblock" in mods:
+        T = k.shape[1]
+        starts = np.arange(T) // BLOCK * BLOCK  # each token's block start
+        prev = np.zeros_like(k)
+        for b in range(BLOCK, T, BLOCK):
+            prev[:, b:b + BLOCK] = k[:, b - BLOCK:b].mean(axis=1, keepdims=True)
+        center = np.where((starts >= BLOCK)[None, :, None], prev, 0.0)
     kq = quantize_dequantize(k - center, fmt.bits, 32 if "kg32" in mods else fmt.group_size,
                              mse) + center
     return kq, quantize_dequantize(v, fmt.bits, fmt.group_size, mse)

@@ -247,3 +247,23 @@ def test_attention_error_bad_format_is_one_line(capsys):
     assert kv_attention_error.main(["--formats", "int4-g64+fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert "+fast" in err and "\n" not in err
+
+
+def test_attention_error_block_centering_removes_a_per_channel_offset():
+    """+kblock subtracts the previous block's per-channel key mean: keys that are noise on
+    top of a large per-channel offset (the range a group must cover) then quantize as
+    finely as the noise alone, from the second block on; the first block is unchanged."""
+    import numpy as np
+    from benchmarks import kv_attention_error as kae
+    from mlxq.evaluate import parse_format
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 192, 64)).astype(np.float32)
+    keys = noise + 20 * rng.standard_normal((2, 1, 64)).astype(np.float32)
+    fmt = parse_format("int4-g64")
+    plain, _ = kae.stored_kv(keys, keys, fmt, set())
+    centered, _ = kae.stored_kv(keys, keys, fmt, {"kblock"})
+    err = lambda x, s: float(np.abs(x[:, s] - keys[:, s]).mean())  # noqa: E731
+    first, rest = slice(0, kae.BLOCK), slice(kae.BLOCK, None)
+    assert err(centered, first) == err(plain, first)
+    assert err(centered, rest) < err(plain, rest) / 5

@@ -1,17 +1,24 @@
 // decode_merge.metal: pass 2 of flash-decoding. Merges the per-block partial results of
-// segmented_decode_attention.metal and undoes the value rotation.
+// segmented_decode_attention.metal, adds the learned attention sinks (gpt_oss) and undoes
+// the value rotation.
 //
 // Template: T (output dtype), D (head dim), ROTATE (values were stored rotated by
-//   R = diag(signs) H / sqrt(D): out = (o H / sqrt(D)) * signs, H symmetric).
+//   R = diag(signs) H / sqrt(D): out = (o H / sqrt(D)) * signs, H symmetric), SINKS (add
+//   one learned sink logit per query head to the softmax denominator; false: no sink read).
 // Inputs:  o_part (rows, n_blocks, D) T, normalized block outputs;
 //          ml_part (rows, n_blocks, 2) float, block max (log2 units) and block sum;
-//          signs (D) float; params int32[1] = {n_blocks}.
-// Output:  out (rows, D) T, rows = B * Hq * LQ.
+//          signs (D) float; sinks (Hq) float, natural-log units of the scaled scores (as
+//          mlx-lm's), read only if SINKS; params int32[3] = {n_blocks, LQ, Hq}.
+// Output:  out (rows, D) T, rows = B * Hq * LQ (row = (b * Hq + h) * LQ + t).
 // Grid: one simdgroup (32 threads) per query row; lane owns elements [lane*D/32, +D/32):
-//   out = sum_b o_b * l_b * 2^(m_b - M) / sum_b l_b * 2^(m_b - M), M = max_b m_b, then the
-//   inverse rotation by Hadamard butterflies (in-lane, then simd_shuffle_xor).
+//   out = sum_b o_b * l_b * 2^(m_b - M) / (sum_b l_b * 2^(m_b - M) + 2^(s - M)),
+//   s = sink_h * log2(e) (the blocks' maxima are in log2 units, scale included),
+//   M = max(max_b m_b, s): the sink is a key with no value, added once per row (not per
+//   block); without SINKS the 2^(s - M) term and s are absent. Then the inverse rotation by
+//   Hadamard butterflies (in-lane, then simd_shuffle_xor).
 // Launch: B * Hq * LQ simdgroups (9 on the default model, 32 on Llama-3-8B at batch 1).
-// Bytes read per row: n_blocks * (D * sizeof(T) + 8) + D * 4 (signs); written: D * sizeof(T).
+// Bytes read per row: n_blocks * (D * sizeof(T) + 8) + D * 4 (signs) + 4 (the sink, SINKS
+//   only); written: D * sizeof(T).
 
 constexpr int EPL = D / 32;
 
@@ -26,6 +33,12 @@ for (int b = 1; b < n_blocks; b++) {
   M = max(M, ml[2 * b]);
 }
 float L = 0.0f;
+if (SINKS) {
+  const int head = int(row / size_t(params[1])) % params[2];
+  const float s = sinks[head] * 1.44269504088896341f;
+  M = max(M, s);
+  L = fast::exp2(s - M);
+}
 float v[EPL];
 for (int x = 0; x < EPL; x++) {
   v[x] = 0.0f;

@@ -1,8 +1,10 @@
 """The one attention entry point every mlxq model calls, and the one place that decides
 which attention runs.
 
-``attend(queries, keys, values, cache, scale)`` takes the *new* tokens (after RoPE), has the
-cache store them, then attends causally over everything stored:
+``attend(queries, keys, values, cache, scale, sinks)`` takes the *new* tokens (after RoPE),
+has the cache store them, then attends causally over everything stored. ``sinks``: learned
+attention-sink logits, one per query head (gpt_oss), or None; every row of the table
+honours them (the fused kernels add them in the merge, the oracle after its last block):
 
 | cache                          | new tokens | backend          | attention                          |
 |--------------------------------|------------|------------------|------------------------------------|
@@ -41,71 +43,74 @@ def _causal_mask(q_len: int):
     return "causal" if q_len > 1 else None
 
 
-def attend(queries, keys, values, cache=None, scale: float = 1.0):
+def attend(queries, keys, values, cache=None, scale: float = 1.0, sinks=None):
     """Causal attention of ``queries`` (B, Hq, L, D) over the cache plus the new keys/values
-    (B, Hkv, L, D). Returns (B, Hq, L, D)."""
+    (B, Hkv, L, D), with learned sink logits ``sinks`` (Hq,) if given. Returns (B, Hq, L, D)."""
     L = queries.shape[2]
     if cache is None:
         return mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=scale, mask=_causal_mask(L))
+            queries, keys, values, scale=scale, mask=_causal_mask(L), sinks=sinks)
     if isinstance(cache, KVCache):
         k, v = cache.update_and_fetch(keys, values)
         if queries.dtype != k.dtype:
             queries = queries.astype(k.dtype)
         return mx.fast.scaled_dot_product_attention(
-            queries, k, v, scale=scale, mask=_causal_mask(L))
+            queries, k, v, scale=scale, mask=_causal_mask(L), sinks=sinks)
     if isinstance(cache, QuantizedKVCache):
-        return quantized_attend(queries, keys, values, cache, scale)
+        return quantized_attend(queries, keys, values, cache, scale, sinks)
     if isinstance(cache, BatchQuantizedKVCache):
-        return batch_attend(queries, keys, values, cache, scale)
+        return batch_attend(queries, keys, values, cache, scale, sinks)
     if isinstance(cache, BatchKVCache):
         k, v = cache.update_and_fetch(keys, values)
         return mx.fast.scaled_dot_product_attention(
-            queries.astype(k.dtype), k, v, scale=scale, mask=cache.mask)
-    return _foreign_cache_attend(queries, keys, values, cache, scale)
+            queries.astype(k.dtype), k, v, scale=scale, mask=cache.mask, sinks=sinks)
+    return _foreign_cache_attend(queries, keys, values, cache, scale, sinks)
 
 
-def quantized_attend(queries, keys, values, cache: QuantizedKVCache, scale: float):
+def quantized_attend(queries, keys, values, cache: QuantizedKVCache, scale: float,
+                     sinks=None):
     """Write first (the new tokens into the store and the window), then read."""
     new_rows = cache.append(keys, values)
-    return attend_stored(queries, cache, scale, new_rows)
+    return attend_stored(queries, cache, scale, new_rows, sinks)
 
 
-def attend_stored(queries, cache: QuantizedKVCache, scale: float, new_rows=None):
+def attend_stored(queries, cache: QuantizedKVCache, scale: float, new_rows=None, sinks=None):
     """Attention of ``queries`` (the newest L tokens, already appended) over what the cache
     holds. ``new_rows``: their float16 rows from ``append`` (a prefill chunk longer than
     the window attends to them)."""
     L = queries.shape[2]
     if L <= MAX_QUERY_TOKENS and cache.backend != "reference":
-        return _fused_decode(queries, cache, scale)
+        return _fused_decode(queries, cache, scale, sinks)
     return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
-        q, _query_positions(cache, L), _segments(cache, L, new_rows), scale))
+        q, _query_positions(cache, L), _segments(cache, L, new_rows), scale, sinks=sinks))
 
 
-def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: float):
+def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: float,
+                 sinks=None):
     """One decode step of a batch of sequences, each at its own length."""
     cache.append(keys, values)
     if cache.backend != "reference":
-        return _decode_kernels(queries, cache, cache.store, cache.fp, cache.lens, scale)
+        return _decode_kernels(queries, cache, cache.store, cache.fp, cache.lens, scale, sinks)
     segments = cache_segments(cache.store, cache.fp, cache.lens, cache.sink, cache.recent,
                               cache.head_dim, cache.bits, cache.group_size)
     return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
-        q, (cache.offset - 1)[:, None], segments, scale))
+        q, (cache.offset - 1)[:, None], segments, scale, sinks=sinks))
 
 
-def _fused_decode(queries, cache, scale):
+def _fused_decode(queries, cache, scale, sinks):
     B = queries.shape[0]
     return _decode_kernels(queries, cache, *_buffers(cache, B),
-                           [(cache.offset, cache.window_length)] * B, scale)
+                           [(cache.offset, cache.window_length)] * B, scale, sinks)
 
 
-def _decode_kernels(queries, cache, store, fp, lens, scale):
+def _decode_kernels(queries, cache, store, fp, lens, scale, sinks):
     # The kernels rotate in registers (power-of-two head dims), else MLX ops around them.
     signs = cache.signs if cache.kernel_rotates else None
     return _in_rotated_basis(None if cache.kernel_rotates else cache.rotation, queries,
                              lambda q: segmented_decode_attention(
                                  q, store, fp, lens, cache.sink, cache.recent, scale,
-                                 cache.bits, cache.group_size, signs, cache.backend))
+                                 cache.bits, cache.group_size, signs, cache.backend,
+                                 sinks=sinks))
 
 
 def _in_rotated_basis(rotation, queries, attention):
@@ -160,16 +165,18 @@ def _segments(cache, L, fp_rows):
                           S, cache.recent, D, cache.bits, cache.group_size)
 
 
-def _foreign_cache_attend(queries, keys, values, cache, scale):
+def _foreign_cache_attend(queries, keys, values, cache, scale, sinks):
     # A cache from another library (e.g. mlx-lm's), so mlx-lm tools can drive mlxq models.
     L = queries.shape[2]
     keys, values = cache.update_and_fetch(keys, values)
     if isinstance(keys, tuple):
+        if sinks is not None:
+            raise ValueError("mlx-lm's quantized attention does not apply attention sinks")
         from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
         return quantized_scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=_causal_mask(L),
             group_size=cache.group_size, bits=cache.bits)
     return mx.fast.scaled_dot_product_attention(
-        queries, keys, values, scale=scale, mask=_causal_mask(L))
+        queries, keys, values, scale=scale, mask=_causal_mask(L), sinks=sinks)
 

@@ -12,9 +12,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .backend import compute_dtype
 from .errors import MlxqError
+from .kernels.kv_layout import fp16_bytes
 from .kv_config import KVCacheConfig
-
-_FP16_BYTES = 2
 
 
 class KVCache:
@@ -92,8 +91,7 @@ class KVCache:
         """What an fp16 cache with the same capacity would allocate (for ratios)."""
         if self.keys is None:
             return 0
-        B, H, cap, Dk = self.keys.shape
-        return B * H * cap * (Dk + self.values.shape[3]) * _FP16_BYTES
+        return fp16_bytes(*self.keys.shape, self.values.shape[3])
 
     # --- save / load -----------------------------------------------------------------
     @property
@@ -204,6 +202,10 @@ def _class_by_name(name: str):
         from .quantized_cache import QuantizedKVCache
 
         return QuantizedKVCache
+    if name == "WindowKVCache":
+        from .window_cache import WindowKVCache
+
+        return WindowKVCache
     raise MlxqError(f"unknown cache class {name!r} in the saved cache")
 
 

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .cache import make_cache
+from .cache import cache_fp16_nbytes, cache_nbytes, make_cache
 from .errors import ArgumentParser, MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
 from .output_files import check_output_file, write_text_file
@@ -136,7 +136,8 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
     Predictions made by a call of <= MAX_QUERY_TOKENS tokens are scored (the decode path);
     a longer prefill's own predictions are not (they attend in full precision).
     Returns a dict: settings, ``tokens_scored`` (= ``decode_tokens_scored``) and ``results``,
-    one entry per format: ppl, rel_ppl_change, kl_mean, kl_p99, top1_agreement."""
+    one entry per format: ppl, rel_ppl_change, kl_mean, kl_p99, top1_agreement and
+    kv_bytes_ratio (the caches' own bytes at a window's end over an fp16 cache's)."""
     del tokenizer  # the tokens are already ids; kept for the documented signature
     check_settings(context, windows, prefill, step, batch)
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -151,6 +152,7 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
     kl = {f: [] for f in formats[1:]}
     agree = {f: [] for f in formats[1:]}
     window_nll = {f: [] for f in formats}
+    bytes_ratio = {}  # KV bytes / fp16 KV bytes, the caches' own nbytes at a window's end
     batch = max(1, min(batch, windows))
     bar = _progress(windows * len(slices) * len(formats), progress)
     for first in range(0, windows, batch):
@@ -179,6 +181,10 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
             for f, values in out.items():
                 steps[f].append(values)
             bar.update(len(rows) * len(formats))
+        for f in formats[1:]:
+            fp16 = cache_fp16_nbytes(caches[f])
+            if fp16:
+                bytes_ratio.setdefault(f, cache_nbytes(caches[f]) / fp16)
         for f in formats:
             per_step = list(zip(*steps[f]))
             n = np.array(mx.concatenate(per_step[0], axis=1))  # (B, scored tokens)
@@ -202,7 +208,8 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
         if f is not FULL_PRECISION:
             k = np.concatenate(kl[f]).astype(np.float64)
             entry.update(kl_mean=float(k.mean()), kl_p99=float(np.percentile(k, 99)),
-                         top1_agreement=float(np.concatenate(agree[f]).mean()))
+                         top1_agreement=float(np.concatenate(agree[f]).mean()),
+                         kv_bytes_ratio=bytes_ratio.get(f))
         results.append(entry)
     # Only decode-path predictions are scored, so both counts are the same by design.
     n_scored = windows * sum(b - a for a, b in scored)
@@ -237,14 +244,18 @@ def _progress(total, enabled):
 
 # --- report ----------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    rows = [f"{'format':<24}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"]
+    rows = [f"{'format':<24}{'ppl':>10}{'d ppl':>10}{'KL mean':>11}{'KL p99':>10}{'top-1':>9}"
+            f"{'KV bytes':>10}"]
     for r in report["results"]:
         if r["bits"] == 16:
-            rows.append(f"{r['format']:<24}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}")
+            rows.append(f"{r['format']:<24}{r['ppl']:>10.4f}{'-':>10}{'-':>11}{'-':>10}{'-':>9}"
+                        f"{'fp16':>10}")
             continue
+        ratio = r.get("kv_bytes_ratio")
         rows.append(f"{r['format']:<24}{r['ppl']:>10.4f}{100 * r['rel_ppl_change']:>+9.3f}%"
                     f"{r['kl_mean']:>11.5f}{r['kl_p99']:>10.4f}"
-                    f"{100 * r['top1_agreement']:>8.2f}%")
+                    f"{100 * r['top1_agreement']:>8.2f}%"
+                    + (f"{ratio:>9.3f}x" if ratio else f"{'-':>10}"))
     return "\n".join(rows)
 
 

@@ -12,13 +12,14 @@ caches:
 - The model's ``__call__`` wraps each mlxq cache in a ``LayerCache`` view that speaks
   mlx-lm's cache protocol. For a quantized cache, ``update_and_fetch`` only holds the new
   keys/values and the attention call ends in ``mlxq.attention.attend``, which stores them
-  and runs mlxq's fused kernel. A full-precision cache stores them at once and attends with
-  MLX's SDPA under the model's own mask and sinks: exactly mlx-lm's KVCache semantics.
+  and runs mlxq's fused kernel (learned attention sinks, gpt_oss, included). A
+  full-precision cache stores them at once and attends with MLX's SDPA under the model's
+  own mask and sinks: exactly mlx-lm's KVCache semantics.
 - ``place_kv_caches`` (``mlxq.cache.make_cache`` calls it) gives layers whose mlx-lm cache
   is a ``RotatingKVCache`` (sliding windows: Gemma 3 five layers of six, GPT-OSS every
-  other) a ``WindowKVCache`` bounded by the window, and refuses the quantized cache, in one
-  error that says why, for layers it cannot serve: recurrent state (SSM / linear
-  attention), multi-head latent attention, learned attention sinks.
+  other) a ``WindowKVCache`` (window_cache.py) bounded by the window, and refuses the
+  quantized cache, in one error that says why, for layers it cannot serve: recurrent state
+  (SSM / linear attention), multi-head latent attention.
 
 mlx-lm's internal layout is what this relies on, hence the pinned versions (pyproject.toml).
 """
@@ -186,8 +187,6 @@ class LayerCache:
         if self._new is None:
             raise MlxqError("this model attends without storing keys/values first; "
                             "it cannot use the quantized KV cache (use kv_bits=16)")
-        if sinks is not None:
-            raise MlxqError(f"the quantized KV cache cannot serve this layer: {SINKS_REASON}")
         if not self._causal(mask):
             raise MlxqError("this layer attends under its own (non-causal) mask, which the "
                             "quantized KV cache cannot apply; use kv_bits=16")
@@ -195,7 +194,7 @@ class LayerCache:
         self._new = None
         from .attention import attend
 
-        return attend(queries, keys, values, self.cache, scale)
+        return attend(queries, keys, values, self.cache, scale, sinks)
 
 
 def layer_views(caches) -> list:
@@ -206,8 +205,6 @@ def layer_views(caches) -> list:
 
 # --- which cache each layer gets -------------------------------------------------------
 
-SINKS_REASON = ("its attention layers add learned attention sinks, which mlxq's quantized "
-                "attention kernel does not apply yet")
 OWN_ATTENTION_REASON = ("its layers compute attention themselves instead of calling mlx-lm's "
                         "shared scaled_dot_product_attention, where the quantized cache plugs in")
 MLA_REASON = ("multi-head latent attention (MLA) caches a compressed latent shared by all "
@@ -220,31 +217,10 @@ _STATE_REASONS = {
 }
 
 
-def _window_cache_class():
-    from mlx_lm.models.cache import RotatingKVCache
-
-    class WindowKVCache(RotatingKVCache):
-        """A sliding-window layer's cache: full precision, at most ``max_size`` tokens
-        kept (mlx-lm's RotatingKVCache; its memory does not grow with the context)."""
-
-        @property
-        def fp16_nbytes(self) -> int:
-            if self.keys is None:
-                return 0
-            B, H, cap, Dk = self.keys.shape
-            return B * H * cap * (Dk + self.values.shape[3]) * 2
-
-    return WindowKVCache
-
-
-_WINDOW_CLASS = None
-
-
 def window_cache(max_size: int, keep: int = 0):
-    global _WINDOW_CLASS
-    if _WINDOW_CLASS is None:
-        _WINDOW_CLASS = _window_cache_class()
-    return _WINDOW_CLASS(max_size=max_size, keep=keep)
+    from .window_cache import WindowKVCache
+
+    return WindowKVCache(max_size=max_size, keep=keep)
 
 
 def _model_type(model) -> str:
@@ -259,16 +235,6 @@ def _routes_attention(model) -> bool:
         if getattr(source, "scaled_dot_product_attention", None) is _attention:
             return True
     return False
-
-
-def _has_sinks(model) -> bool:
-    return any(name.endswith("sinks") for name, _ in _named_arrays(model))
-
-
-def _named_arrays(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
 
 
 def place_kv_caches(model, kv_bits: int, layer_caches) -> list:
@@ -290,8 +256,6 @@ def place_kv_caches(model, kv_bits: int, layer_caches) -> list:
     if quantized:
         if getattr(getattr(model, "args", None), "kv_lora_rank", None):
             refuse(MLA_REASON)
-        if _has_sinks(model):
-            refuse(SINKS_REASON)
         for i, kind in enumerate(kinds):
             if kind not in (MlxLmKVCache, RotatingKVCache):
                 why = _STATE_REASONS.get(kind.__name__, f"a {kind.__name__}")

@@ -5,8 +5,9 @@ One mechanism backs three users: ``python -m mlxq.cache_prompt`` writes a file,
 ``mlxq.generate --prompt-cache-file`` reads it, and the server's in-memory prefix cache
 (mlxq/server/prefix_cache.py) keeps many of them. The file is ``mlxq.cache.save_cache``'s
 safetensors with the token ids and the cache settings in its metadata; a file saved with
-other KV options (bits, group size, window, sink, rotation) or another model's shape is
-refused with one line, never silently mixed.
+other KV options (bits, group size, window, sink, rotation), another model's shape or
+another sliding window is refused with one line, never silently mixed. Models with
+sliding-window layers (Gemma 3) save their window caches in the same file.
 """
 
 from dataclasses import dataclass
@@ -42,10 +43,15 @@ def common_prefix_length(a, b) -> int:
 
 def reuse_prefix(prompt_cache: PromptCache, prompt_ids) -> int:
     """Trim ``prompt_cache`` (in place) to its longest common prefix with ``prompt_ids``,
-    leaving at least the prompt's last token to be fed; returns how many tokens it keeps."""
+    leaving at least the prompt's last token to be fed; returns how many tokens it keeps.
+    A sliding window that has already let go of tokens the trimmed prefix's next token
+    needs (``can_trim``, window_cache.py) makes it keep nothing: recomputed, never wrong."""
     keep = min(common_prefix_length(prompt_cache.tokens, prompt_ids), len(prompt_ids) - 1)
     keep = max(keep, 0)
     drop = len(prompt_cache.tokens) - keep
+    if drop and not all(getattr(c, "can_trim", lambda n: True)(drop)
+                        for c in prompt_cache.caches):
+        keep, drop = 0, len(prompt_cache.tokens)
     if drop:
         for c in prompt_cache.caches:
             c.trim(drop)
@@ -55,9 +61,18 @@ def reuse_prefix(prompt_cache: PromptCache, prompt_ids) -> int:
 
 # --- settings that must match ------------------------------------------------------------
 def describe_cache(cache) -> str:
-    """A layer cache's settings by the KV config's short name (``fp``, ``int4-g64-rot-...``)."""
+    """A layer cache's settings by the KV config's short name (``fp``, ``int4-g64-rot-...``,
+    ``fp-window512`` for a sliding-window layer)."""
     config = getattr(cache, "config", None)
-    return config.name if config is not None else "fp"
+    if config is not None:
+        return config.name
+    window = getattr(cache, "max_size", None)
+    return "fp" if window is None else f"fp-window{window}"
+
+
+def _settings(cache):
+    return (type(cache), getattr(cache, "config", None), getattr(cache, "layer_index", None),
+            getattr(cache, "max_size", None), getattr(cache, "keep", None))
 
 
 def check_compatible(caches, model, kv_options: dict, what: str) -> None:
@@ -68,10 +83,7 @@ def check_compatible(caches, model, kv_options: dict, what: str) -> None:
         raise MlxqError(f"{what} holds {len(caches)} layers but the model has "
                         f"{len(expected)}; it was saved for another model")
     for got, want in zip(caches, expected):
-        same = (type(got) is type(want) and getattr(got, "config", None)
-                == getattr(want, "config", None)
-                and getattr(got, "layer_index", None) == getattr(want, "layer_index", None))
-        if not same:
+        if _settings(got) != _settings(want):
             raise MlxqError(f"{what} was saved with the KV cache {describe_cache(got)} but this "
                             f"run uses {describe_cache(want)}; use the same --kv-* options")
 

@@ -183,3 +183,87 @@ def test_decode_quick_outputs(decode_run):
         assert mlx_lm["kv_bytes"] < 0.35 * fp["kv_bytes"]
         assert fp["peak_memory_bytes"] > fp["kv_bytes"]
     _check_png(out / "decode_latency.png")
+
+
+# --- kv_attention_error: the long-context design instrument ------------------------------
+@pytest.fixture(scope="module")
+def tiny_recording(tmp_path_factory):
+    """A 2-layer random llama (head dim 64) run over 96 tokens, with q/k/v recorded."""
+    import mlx.core as mx
+    import mlxq
+    from conftest import tiny_config, tiny_weights, write_hf_checkpoint
+    from benchmarks import kv_attention_error
+
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    folder = write_hf_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", config,
+                                 tiny_weights(config), dtype="float32")
+    model, _ = mlxq.load(folder)
+    tokens = [int(t) for t in mx.random.randint(0, 256, (96,), key=mx.random.key(3))]
+    return model, tokens, kv_attention_error.record_attention(model, tokens, chunk=40)
+
+
+def test_attention_error_records_what_the_cache_stores(tiny_recording):
+    """The recorded keys/values are those a full-precision cache holds after the same run
+    (after RoPE, every chunk, the right layer), and the queries have the model's heads."""
+    import mlx.core as mx
+    import numpy as np
+    from mlxq.cache import make_cache
+    from mlxq.kv_config import KVCacheConfig
+
+    model, tokens, recorded = tiny_recording
+    caches = make_cache(model, KVCacheConfig(16))
+    ids = mx.array([tokens])
+    for a in range(0, len(tokens), 40):
+        model(ids[:, a:a + 40], cache=caches)
+    assert sorted(recorded) == [0, 1]
+    for layer, (q, k, v) in recorded.items():
+        keys, values = (np.array(x[0, :, :len(tokens)].astype(mx.float32))
+                        for x in (caches[layer].keys, caches[layer].values))
+        assert np.allclose(k, keys, atol=1e-5) and np.allclose(v, values, atol=1e-5)
+        assert q.shape == (4, len(tokens), 64)
+
+
+def test_attention_error_ranks_formats(tiny_recording):
+    from benchmarks import kv_attention_error
+
+    model, tokens, recorded = tiny_recording
+    names = ["int4-g64-rot", "int8-g64-rot", "int4-g64-rot-w100", "int4-g64-rot-w16-s4",
+             "int4-g64-rot+mse", "int4-g64-rot+kg32"]
+    out = kv_attention_error.attention_errors(recorded, names, 48, 64 ** -0.5)
+    assert len(out["int4-g64-rot"]["layers"]) == 2
+    # A window holding every token leaves nothing quantized: exactly the full precision.
+    assert out["int4-g64-rot-w100"]["err"] == 0 and out["int4-g64-rot-w100"]["kl"] == 0
+    assert 0 < out["int8-g64-rot"]["err"] < out["int4-g64-rot"]["err"] / 4
+    assert 0 < out["int8-g64-rot"]["kl"] < out["int4-g64-rot"]["kl"]
+    assert 0 < out["int4-g64-rot-w16-s4"]["err"] < out["int4-g64-rot"]["err"]
+    # Smaller key groups describe keys more finely; values are untouched by +kg32.
+    assert out["int4-g64-rot+kg32"]["kl"] < out["int4-g64-rot"]["kl"]
+    assert out["int4-g64-rot+mse"]["err"] > 0
+
+
+def test_attention_error_bad_format_is_one_line(capsys):
+    from benchmarks import kv_attention_error
+
+    assert kv_attention_error.main(["--formats", "int4-g64+fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "+fast" in err and "\n" not in err
+
+
+def test_attention_error_block_centering_removes_a_per_channel_offset():
+    """+kblock subtracts the previous block's per-channel key mean: keys that are noise on
+    top of a large per-channel offset (the range a group must cover) then quantize as
+    finely as the noise alone, from the second block on; the first block is unchanged."""
+    import numpy as np
+    from benchmarks import kv_attention_error as kae
+    from mlxq.evaluate import parse_format
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 192, 64)).astype(np.float32)
+    keys = noise + 20 * rng.standard_normal((2, 1, 64)).astype(np.float32)
+    fmt = parse_format("int4-g64")
+    plain, _ = kae.stored_kv(keys, keys, fmt, set())
+    centered, _ = kae.stored_kv(keys, keys, fmt, {"kblock"})
+    err = lambda x, s: float(np.abs(x[:, s] - keys[:, s]).mean())  # noqa: E731
+    first, rest = slice(0, kae.BLOCK), slice(kae.BLOCK, None)
+    assert err(centered, first) == err(plain, first)
+    assert err(centered, rest) < err(plain, rest) / 5

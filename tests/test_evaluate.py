@@ -154,6 +154,12 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     assert "int8-g64-rot" in printed
     report = json.loads(out.read_text())
     assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot"]
+    # No window or sink: every token is one int8 row of codes plus a (scale, bias) half
+    # pair per group of 64, for keys and values, against 2 x 64 float16 values.
+    d = 64
+    row = 2 * (d + 4 * (d // 64))
+    assert report["results"][1]["kv_bytes_ratio"] == pytest.approx(row / (2 * d * 2))
+    assert "0.531x" in printed
     assert report["weights"] == "dense" or mx.metal.is_available()
     # An existing report is kept unless --force, and the refusal comes before any work.
     before = out.read_text()

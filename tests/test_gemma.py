@@ -177,3 +177,37 @@ def test_generate_cli_with_int4_cache(gemma_model_dir):
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 5
+
+
+@pytest.mark.slow
+def test_prompt_cache_with_wrapped_windows(gemma_model, tmp_path):
+    """A saved prompt cache (15 window layers + three int4 global layers in one file)
+    gives the greedy ids of generating from scratch. The window is cut from 512 to 32
+    tokens for this test so the 64-token prompt slides past it cheaply (a prompt past 512
+    tokens costs ~1 min per prefill here on the CPU)."""
+    from mlxq.generate import prefill_chunks, stream_generate
+    from mlxq.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
+
+    model, tok = gemma_model
+    doc = tok.encode(PASSAGE)[:64]
+    prompt = doc + tok.encode(" Who tells this story?")[1:]  # [1:]: no second <bos>
+
+    def greedy(prompt_cache=None):
+        out = list(stream_generate(model, tok, prompt, max_tokens=4, temp=0.0, kv_bits=4,
+                                   prompt_cache=prompt_cache))
+        return [r.token for r in out], out[-1].prompt_cached_tokens
+
+    window = model.args.sliding_window
+    model.args.sliding_window = model.model.window_size = 32
+    try:
+        caches = make_cache(model, kv_bits=4)
+        for _ in prefill_chunks(model, doc + [doc[-1]], caches, 16):
+            pass
+        assert [c.held() for c in caches if hasattr(c, "held")] == [32 - 1 + 16] * 15
+        path = tmp_path / "gemma.safetensors"
+        save_prompt_cache(path, PromptCache(caches, doc))
+        warm = greedy(load_prompt_cache(path, model, {"kv_bits": 4}))
+        cold = greedy()
+    finally:
+        model.args.sliding_window = model.model.window_size = window
+    assert warm == (cold[0], len(doc)) and cold[1] == 0

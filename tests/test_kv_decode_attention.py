@@ -65,7 +65,7 @@ def _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity=F
     return store, fp
 
 
-def _run(case, seed=0, exact_capacity=False):
+def _run(case, seed=0, exact_capacity=False, sinks=None):
     B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case
     key = mx.random.key(seed)
     store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity)
@@ -74,12 +74,13 @@ def _run(case, seed=0, exact_capacity=False):
     scale = 1 / math.sqrt(D)
     signs = mx.array(random_signs(D, 7, 1)) if rotate else None
     out = segmented_decode_attention(q, store, fp, lens, sink, recent, scale, bits, gs,
-                                     signs, "emulate")
+                                     signs, "emulate", sinks=sinks)
     rot = HadamardRotation(D, 7, 1) if rotate else None
     q_rot = rot.forward(q) if rot else q
     positions = mx.array([[n - Lq + t for t in range(Lq)] for n, _ in lens], dtype=mx.int32)
     ref = segmented_attention(q_rot, positions,
-                              cache_segments(store, fp, lens, sink, recent, D, bits, gs), scale)
+                              cache_segments(store, fp, lens, sink, recent, D, bits, gs), scale,
+                              sinks=sinks)
     return out, rot.inverse(ref) if rot else ref
 
 
@@ -99,6 +100,63 @@ def test_kernel_matches_oracle(case):
     assert out.shape == ref.shape and out.dtype == mx.float32
     assert np.isfinite(np.asarray(out)).all()
     assert _rel_err(out, ref) < 2e-4
+
+
+# Learned attention sinks (gpt_oss): one logit per query head, merged once after all blocks.
+SINK_CASES = [
+    (1, 1, 64, 8, 1, 4, 32, 4, 64, [(1000, 64)], True),        # GQA 8, many blocks
+    (2, 3, 128, 6, 1, 4, 128, 4, 16, [(33, 16), (20, 16)], True),  # batch 2, own lengths
+    (1, 4, 64, 4, 2, 8, 64, 0, 0, [(600, 0)], False),          # int8, no fp segment
+    (1, 1, 128, 4, 2, 4, 64, 4, 256, [(5, 0)], True),          # 5 tokens: empty blocks
+    (1, 1, 64, 2, 2, 4, 64, 0, 0, [(1, 0)], False),            # a single block
+]
+
+
+def _sink_logits(case, seed):
+    """Random sinks near the scores' scale (so they matter) plus extremes: one that swamps
+    every key (output ~0) and one that vanishes (output as without sinks)."""
+    Hq = case[3] * case[4]
+    s = mx.random.uniform(-4.0, 14.0, (Hq,), key=mx.random.key(100 + seed))
+    extremes = mx.array([1.0e4, -1.0e4, 40.0, -40.0])[:Hq]
+    return mx.concatenate([extremes, s[len(extremes):]])
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=_case_id)
+def test_kernel_with_attention_sinks_matches_oracle(case):
+    for seed in (1, 2):
+        sinks = _sink_logits(case, seed)
+        out, ref = _run(case, seed=seed, sinks=sinks)
+        assert np.isfinite(np.asarray(out)).all()
+        assert _rel_err(out, ref) < 2e-4
+        plain, _ = _run(case, seed=seed)
+        # The sinks change the output (a kernel ignoring them fails the check above) ...
+        assert _rel_err(out, plain) > 0.05
+        # ... a huge sink takes all the weight, a very negative one none.
+        Lq = case[1]
+        per_head = np.asarray(out).reshape(case[0], -1, Lq, case[2])
+        assert np.abs(per_head[:, 0]).max() < 1e-6
+        np.testing.assert_allclose(per_head[:, 1], np.asarray(plain)[:, 1], atol=1e-5)
+
+
+def test_oracle_sinks_match_mlx_sdpa():
+    """The oracle's sinks mean what MLX's (and so mlx-lm's) mean."""
+    B, Hq, Hkv, L, S, D = 1, 6, 2, 5, 40, 64
+    k0, k1, k2, k3 = mx.random.split(mx.random.key(5), 4)
+    q = 3 * mx.random.normal((B, Hq, L, D), key=k0)
+    k = mx.random.normal((B, Hkv, S, D), key=k1)
+    v = mx.random.normal((B, Hkv, S, D), key=k2)
+    sinks = mx.random.uniform(-2.0, 8.0, (Hq,), key=k3)
+    scale = 1 / math.sqrt(D)
+    from mlxq.kernels.segmented_attention import FpSegment
+
+    got = segmented_attention(q, mx.arange(S - L, S, dtype=mx.int32)[None],
+                              [FpSegment(k, v, mx.arange(S, dtype=mx.int32)[None])], scale,
+                              block=16, sinks=sinks)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal",
+                                                sinks=sinks)
+    assert _rel_err(got, want) < 1e-5
+    without = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    assert _rel_err(want, without) > 0.05
 
 
 def test_cases_cover_every_lanes_per_key_and_block_edges():

@@ -3,7 +3,7 @@ access bounds-checked, with buffers exactly as long as the valid data."""
 
 import mlx.core as mx
 import pytest
-from test_kv_decode_attention import _rel_err, _run
+from test_kv_decode_attention import _rel_err, _run, _sink_logits
 
 import mlxq.kernels.decode_attention as da
 from mlxq.emulator import KernelRuntimeError
@@ -26,6 +26,14 @@ def checking(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"D{c[2]}-G{c[3]}-n{c[9][0][0]}")
 def test_decode_attention_stays_in_bounds(case):
     out, ref = _run(case)
+    assert _rel_err(out, ref) < 2e-4
+
+
+def test_decode_merge_reads_one_sink_per_head_in_bounds():
+    # sinks is exactly (Hq,): batch 2 x 3 query tokens, so a wrong row -> head map reads
+    # past it.
+    case = (2, 3, 64, 3, 2, 4, 64, 4, 16, [(50, 16), (40, 16)], True)
+    out, ref = _run(case, exact_capacity=True, sinks=_sink_logits(case, 0))
     assert _rel_err(out, ref) < 2e-4
 
 

@@ -59,11 +59,21 @@ def _pair(model_type):
     mx.random.seed(7)
     config = config_for(model_type)
     theirs = _reference(config)
+    _randomize_sinks(theirs)
     ours = build_model(config)
     weights = tree_flatten(theirs.parameters())
     ours.load_weights(weights, strict=True)
     mx.eval(ours.parameters(), theirs.parameters())
     return ours, theirs
+
+
+def _randomize_sinks(model):
+    """gpt_oss initializes its learned attention sinks to 0; random ones (per head, about
+    the size of the random model's attention logits) make every test see them."""
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        if hasattr(attn, "sinks"):
+            attn.sinks = mx.random.uniform(-1.0, 3.0, attn.sinks.shape, key=mx.random.key(i))
 
 
 def _run(model, caches, tokens):
@@ -95,10 +105,7 @@ def test_full_precision_cache_gives_mlx_lm_logits(model_type):
     assert all(c.offset == sum(CHUNKS) for c in caches)
 
 
-QUANTIZABLE = [t for t in ARCHS if t != "gpt_oss"]
-
-
-@pytest.mark.parametrize("model_type", QUANTIZABLE)
+@pytest.mark.parametrize("model_type", ARCHS)
 def test_int4_cache_emulated_kernels_match_reference(model_type, monkeypatch):
     ours, _ = _pair(model_type)
     tokens = _tokens()
@@ -114,7 +121,7 @@ def test_int4_cache_emulated_kernels_match_reference(model_type, monkeypatch):
         # Every global layer's tokens went into its quantized cache (through attend: the
         # bridge's update_and_fetch stores nothing in a quantized cache).
         quantized = [c for c in caches if isinstance(c, QuantizedKVCache)]
-        n_global = 1 if model_type == "gemma3_text" else BASE["num_hidden_layers"]
+        n_global = {"gemma3_text": 1, "gpt_oss": 2}.get(model_type, BASE["num_hidden_layers"])
         assert len(quantized) == n_global
         assert all(c.offset == sum(CHUNKS) for c in quantized)
     np.testing.assert_allclose(np.array(runs["emulate"]), np.array(runs["reference"]),
@@ -136,10 +143,22 @@ def test_sliding_layers_get_window_bounded_caches():
     assert window.keys.shape[2] <= 8 + max(CHUNKS)
 
 
-def test_attention_sinks_refuse_the_quantized_cache():
-    ours, _ = _pair("gpt_oss")
-    with pytest.raises(MlxqError, match="attention sinks"):
-        make_cache(ours, kv_bits=4)
+@pytest.mark.parametrize("backend", ["reference", "emulate"])
+def test_int4_cache_applies_attention_sinks(backend, monkeypatch):
+    """gpt_oss's learned sinks on its global (int4) layers: the int4 logits stay close to
+    mlx-lm's with the sinks and far from what ignoring them on those layers would give."""
+    monkeypatch.setenv("MLXQ_KERNELS", backend)
+    ours, theirs = _pair("gpt_oss")
+    tokens = _tokens()
+    expected = _run(theirs, _their_caches(theirs), tokens)
+    got = _run(ours, make_cache(ours, kv_bits=4, kv_recent=0, kv_sink=0), tokens)
+    for layer, kind in zip(theirs.layers, theirs.model.layer_types):
+        if kind == "full_attention":
+            layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -1.0e4)
+    ignored = _run(theirs, _their_caches(theirs), tokens)
+    sink_effect = float(mx.abs(ignored - expected).max())
+    assert sink_effect > 0.05 * float(mx.abs(expected).max())
+    assert float(mx.abs(got - expected).max()) < 0.25 * sink_effect
 
 
 def test_layers_without_key_value_state_refuse_the_quantized_cache():

@@ -3,9 +3,10 @@
 Pass 1 (metal/segmented_decode_attention.metal) splits the keys into blocks: store blocks
 (int4/int8 rows) and float16 blocks (the sink and the window ring); each threadgroup takes
 one block of one (sequence, KV head) for all the query heads of the GQA group, so every
-K/V row is read once per step. Pass 2 (metal/decode_merge.metal) merges the blocks and
-undoes the value rotation. ``plan_decode`` picks the launch: enough simdgroups to fill a
-GPU (~TARGET_SIMDGROUPS), the fewest blocks that get there.
+K/V row is read once per step. Pass 2 (metal/decode_merge.metal) merges the blocks, adds
+the learned attention sinks (gpt_oss; once per row, only when given) and undoes the value
+rotation. ``plan_decode`` picks the launch: enough simdgroups to fill a GPU
+(~TARGET_SIMDGROUPS), the fewest blocks that get there.
 """
 
 import functools
@@ -82,7 +83,7 @@ def _merge_kernel(backend: str):
     return metal_kernel(
         backend=backend,
         name="mlxq_decode_merge",
-        input_names=["o_part", "ml_part", "signs", "params"],
+        input_names=["o_part", "ml_part", "signs", "sinks", "params"],
         output_names=["out"],
         header=read_kernel_source("hadamard.h"),
         source=read_kernel_source("decode_merge.metal"),
@@ -90,17 +91,21 @@ def _merge_kernel(backend: str):
 
 
 def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bits,
-                               group_size, signs, backend):
+                               group_size, signs, backend, sinks=None):
     """Causal attention of ``queries`` (B, Hq, Lq<=8, D) over the cache's segments.
 
     store: (B, Hkv, cap, ROW) uint32 whole buffer; fp: (B, Hkv, fcap, 2D) float16 whole
-    buffer; lens: list of (tokens, window tokens) per sequence; signs: (D,) float32 of the
-    rotation applied in-kernel, or None. Returns (B, Hq, Lq, D) in the queries' dtype."""
+    buffer; lens: list of (tokens, window tokens) per sequence; sink: the cache's float16
+    first tokens; signs: (D,) float32 of the rotation applied in-kernel, or None; sinks:
+    (Hq,) learned sink logits (gpt_oss; the merge adds them), or None. Returns (B, Hq, Lq,
+    D) in the queries' dtype."""
     B, Hq, Lq, D = queries.shape
     Hkv, cap = store.shape[1], store.shape[2]
     fcap = fp.shape[2]
-    if not 1 <= Lq <= MAX_QUERY_TOKENS or Hq % Hkv:
-        raise ValueError(f"bad decode shapes: queries {queries.shape}, store {store.shape}")
+    if not 1 <= Lq <= MAX_QUERY_TOKENS or Hq % Hkv or \
+            (sinks is not None and tuple(sinks.shape) != (Hq,)):
+        raise ValueError(f"bad decode shapes: queries {queries.shape}, store {store.shape}"
+                         f"{'' if sinks is None else f', sinks {sinks.shape}'}")
     if queries.dtype not in (mx.float16, mx.float32):
         queries = queries.astype(mx.float32)
     store_rows = max(max(0, n - sink - n_w) for n, n_w in lens)
@@ -122,9 +127,12 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
         output_shapes=[(rows, p.n_blocks, D), (rows, p.n_blocks, 2)],
         output_dtypes=[queries.dtype, mx.float32],
     )
+    sinks_in = sinks.astype(mx.float32) if sinks is not None else mx.zeros((1,), mx.float32)
     (out,) = _merge_kernel(backend)(
-        inputs=[o_part, ml_part, signs_in, mx.array([p.n_blocks], dtype=mx.int32)],
-        template=[("T", queries.dtype), ("D", D), ("ROTATE", signs is not None)],
+        inputs=[o_part, ml_part, signs_in, sinks_in,
+                mx.array([p.n_blocks, Lq, Hq], dtype=mx.int32)],
+        template=[("T", queries.dtype), ("D", D), ("ROTATE", signs is not None),
+                  ("SINKS", sinks is not None)],
         grid=(32, rows, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(B, Hq, Lq, D)],

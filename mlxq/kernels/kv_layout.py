@@ -25,6 +25,11 @@ def row_bytes(head_dim: int, bits: int, group_size: int) -> int:
     return 4 * row_words(head_dim, bits, group_size)
 
 
+def fp16_bytes(batch: int, heads: int, tokens: int, key_dim: int, value_dim: int) -> int:
+    """Bytes of float16 keys and values of that shape (the baseline of every bytes ratio)."""
+    return batch * heads * tokens * (key_dim + value_dim) * 2
+
+
 def _pair_words(scales, biases):
     # (..., NG) float16 twice -> (..., NG) uint32 with the scale in the low half.
     pairs = mx.stack([scales.astype(mx.float16), biases.astype(mx.float16)], axis=-1)

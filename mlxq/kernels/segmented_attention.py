@@ -5,6 +5,10 @@ A cache is a list of segments, each a run of keys/values with their token positi
 ``QuantSegment`` (rows of the int4/int8 store, dequantized here). A query at position
 ``q`` sees a key at position ``p`` iff ``0 <= p <= q`` (empty slots have position -1).
 
+Learned attention sinks (``sinks``: one logit per query head, gpt_oss) add exp(sink) to
+the softmax denominator and no value (the sink is a key every query sees, with a zero
+value); not to be confused with the cache's float16 sink *tokens* (the first tokens).
+
 This one function is what every backend is tested against, the ``reference`` backend's
 attention, and the prefill path on every backend. Keys are visited in blocks with an online
 softmax, so no L x S score tensor and no dequantized copy of the whole cache exists:
@@ -77,9 +81,10 @@ def key_block(batch, q_heads, q_len, kv_heads, head_dim, keys) -> int:
     return max(MIN_BLOCK, min(MAX_BLOCK, block // MIN_BLOCK * MIN_BLOCK))
 
 
-def segmented_attention(queries, q_positions, segments, scale, block=None):
+def segmented_attention(queries, q_positions, segments, scale, block=None, sinks=None):
     """queries (B, Hq, L, D); q_positions (B or 1, L) int32; segments: FpSegment /
-    QuantSegment list. Returns (B, Hq, L, D) in the queries' dtype."""
+    QuantSegment list; sinks: (Hq,) learned sink logits (already in scaled-score units,
+    as mlx-lm's) or None. Returns (B, Hq, L, D) in the queries' dtype."""
     B, Hq, L, D = queries.shape
     Hkv = segments[0].rows.shape[1] if isinstance(segments[0], QuantSegment) \
         else segments[0].keys.shape[1]
@@ -108,6 +113,8 @@ def segmented_attention(queries, q_positions, segments, scale, block=None):
             visible = (kpos >= 0) & (kpos <= qpos)
             scores = mx.where(visible, q @ k[:, :, None].swapaxes(-1, -2), NEG)
             state = _merge(state, scores, v[:, :, None])
+    if sinks is not None:
+        state = _merge_sinks(state, sinks.astype(mx.float32).reshape(1, Hkv, G, 1, 1))
     _, l, o = state
     return (o / l).reshape(B, Hq, L, D).astype(queries.dtype)
 
@@ -119,3 +126,12 @@ def _merge(state, scores, values):
     p = mx.exp(scores - m_new)
     factor = mx.exp(m - m_new)
     return m_new, l * factor + p.sum(axis=-1, keepdims=True), o * factor + p @ values
+
+
+def _merge_sinks(state, sinks):
+    """Once, after every key: each head's sink joins the max and adds exp(sink - max) to
+    the denominator; it has no value, so the output only rescales."""
+    m, l, o = state
+    m_new = mx.maximum(m, sinks)
+    factor = mx.exp(m - m_new)
+    return m_new, l * factor + mx.exp(sinks - m_new), o * factor

@@ -1,0 +1,251 @@
+"""Attention error of KV formats at long context, per layer, in minutes instead of hours.
+
+A design instrument for KV formats: it runs the model ONCE over a window of text with a
+full-precision cache, recording every layer's queries, keys and values (after RoPE), then
+for each format quantizes the recorded keys/values exactly as the cache's write path does
+(rotation, float16 rounding, ``mx.quantize``) and compares, for the last ``--queries``
+positions, each layer's attention with the exact one:
+
+- ``kl``: KL(exact || quantized) of the attention weights (keys only: values do not move
+  them), averaged over query heads and positions;
+- ``err``: relative L2 error of the attention output (keys and values).
+
+Tokens in a format's sink and window stay exact, as in the cache. The figures are not
+perplexity: an error in one layer also moves the inputs of the next, which this does not
+follow; ``python -m mlxq.evaluate`` measures that, at ~20x the cost. Use this one to rank
+ideas, then evaluate the survivors.
+
+Formats are ``mlxq.evaluate`` names (``int4-g64-rot-w256-s4``) with optional experimental
+suffixes, for quantizers the cache does not have:
+
+- ``+mse``:    each group's range shrunk around its midpoint by the factor (1.0, 0.98, ...,
+               0.70) that minimizes the group's squared error (same bytes);
+- ``+kg32``:   keys quantized in groups of 32 (values keep the format's group);
+- ``+kcenter``: keys minus their per-channel mean over the whole window before quantizing
+               (exact for attention; an upper bound, as a cache cannot know that mean);
+- ``+kblock``: keys of each block of 64 tokens minus the per-channel mean of the previous
+               block's keys (known when the block's tokens arrive: they are still in the
+               float16 window); a cache would store one mean per block, 2 bytes a token.
+
+    python benchmarks/kv_attention_error.py --context 4096 --queries 512 \\
+        --formats int4-g64-rot-w256-s4 int4-g64-rot-w256-s4+mse int4-g64-rot-w128-s4
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mlxq import attention as attention_module  # noqa: E402
+from mlxq.cache import make_cache  # noqa: E402
+from mlxq.errors import ArgumentParser, MlxqError, cli_main  # noqa: E402
+from mlxq.kernels.kv_append import reference_append_rows  # noqa: E402
+from mlxq.kernels.kv_layout import dequantize_rows  # noqa: E402
+from mlxq.kv_config import KVCacheConfig  # noqa: E402
+from mlxq.models import transformer  # noqa: E402
+from mlxq.output_files import check_output_file, write_text_file  # noqa: E402
+from mlxq.quantized_cache import QuantizedKVCache  # noqa: E402
+from mlxq.rotation import HadamardRotation  # noqa: E402
+
+MODIFIERS = ("mse", "kg32", "kcenter", "kblock")
+BLOCK = 64  # tokens per block of +kblock
+MSE_SHRINK = np.linspace(1.0, 0.70, 16)
+
+
+def parse(name: str):
+    """'int4-g64-rot-w256-s4+mse' -> (KVCacheConfig, {'mse'})."""
+    from mlxq.evaluate import parse_format
+
+    base, *mods = name.split("+")
+    unknown = set(mods) - set(MODIFIERS)
+    if unknown:
+        raise MlxqError(f"unknown suffix +{sorted(unknown)[0]} in {name!r}; use "
+                        + ", ".join("+" + m for m in MODIFIERS))
+    return parse_format(base), set(mods)
+
+
+# --- recording ----------------------------------------------------------------------
+def record_attention(model, tokens, chunk: int = 512) -> dict:
+    """{layer: (q, k, v)} float32 arrays (heads, tokens, head_dim) of one sequence, from a
+    full-precision run in chunks; only layers that a quantized cache would hold."""
+    caches = make_cache(model, KVCacheConfig(16))
+    quantizable = {i for i, c in enumerate(make_cache(model, KVCacheConfig(4)))
+                   if isinstance(c, QuantizedKVCache)}
+    layer_of = {id(c): i for i, c in enumerate(caches)}
+    parts: dict = {}
+    originals = transformer.attend, attention_module.attend
+
+    def recording_attend(queries, keys, values, cache=None, scale=1.0, *rest):
+        i = layer_of.get(id(cache))
+        if i in quantizable:
+            parts.setdefault(i, []).append(
+                tuple(np.array(x[0].astype(mx.float32)) for x in (queries, keys, values)))
+        return originals[1](queries, keys, values, cache, scale, *rest)
+
+    # The one attention entry point (mlxq's models import it by name; the mlx-lm bridge
+    # looks it up at call time).
+    transformer.attend = attention_module.attend = recording_attend
+    try:
+        ids = mx.array([list(tokens)])
+        for a in range(0, len(tokens), chunk):
+            mx.eval(model(ids[:, a:a + chunk], cache=caches))
+    finally:
+        transformer.attend, attention_module.attend = originals
+    return {i: tuple(np.concatenate([p[j] for p in ps], axis=1) for j in range(3))
+            for i, ps in sorted(parts.items())}
+
+
+# --- quantizers -------------------------------------------------------------------------
+def quantize_dequantize(x, bits: int, group_size: int, mse: bool = False):
+    """x (..., D) float32 (already rotated) -> what the cache's store gives back: its own
+    write path (``reference_append_rows``: float16 rounding, ``mx.quantize``) read back by
+    ``dequantize_rows``; ``+mse`` chooses each group's range by squared error instead."""
+    if not mse:
+        t = mx.array(x)
+        _, rows = reference_append_rows(t, t, None, bits, group_size)
+        return np.array(dequantize_rows(rows, x.shape[-1], bits, group_size)[0])
+    g = x.astype(np.float16).astype(np.float32).reshape(-1, group_size)
+    lo, hi = g.min(1, keepdims=True), g.max(1, keepdims=True)
+    mid, half, levels = (lo + hi) / 2, (hi - lo) / 2, 2 ** bits - 1
+    best, best_err = None, None
+    for shrink in MSE_SHRINK:
+        scale = np.maximum(2 * shrink * half / levels, 1e-7).astype(np.float16).astype(np.float32)
+        bias = (mid - shrink * half).astype(np.float16).astype(np.float32)
+        r = np.clip(np.rint((g - bias) / scale), 0, levels) * scale + bias
+        err = ((r - g) ** 2).sum(1, keepdims=True)
+        if best is None:
+            best, best_err = r, err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better, r, best), np.minimum(err, best_err)
+    return best.reshape(x.shape)
+
+
+def stored_kv(k, v, fmt: KVCacheConfig, mods: set):
+    """The keys/values attention reads from the quantized store, in the rotated basis."""
+    mse = "mse" in mods
+    center = 0.0
+    if "kcenter" in mods:
+        center = k.mean(axis=1, keepdims=True)
+    elif "kblock" in mods:
+        T = k.shape[1]
+        starts = np.arange(T) // BLOCK * BLOCK  # each token's block start
+        prev = np.zeros_like(k)
+        for b in range(BLOCK, T, BLOCK):
+            prev[:, b:b + BLOCK] = k[:, b - BLOCK:b].mean(axis=1, keepdims=True)
+        center = np.where((starts >= BLOCK)[None, :, None], prev, 0.0)
+    kq = quantize_dequantize(k - center, fmt.bits, 32 if "kg32" in mods else fmt.group_size,
+                             mse) + center
+    return kq, quantize_dequantize(v, fmt.bits, fmt.group_size, mse)
+
+
+# --- comparison -------------------------------------------------------------------------
+def _softmax(s):
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def layer_error(q, k, v, kq, vq, scale: float, queries: int, recent: int, sink: int):
+    """(mean relative output error, mean attention KL) of the last ``queries`` positions."""
+    Hq, T, _ = q.shape
+    group = Hq // k.shape[0]
+    pos = np.arange(T - queries, T)[:, None]
+    key = np.arange(T)[None, :]
+    causal = key <= pos
+    exact = (key < sink) | (key > pos - recent)  # sink and window: float16 in the cache
+    errs, kls = [], []
+    for h in range(Hq):
+        kv = h // group
+        qh = q[h, T - queries:]
+        s_exact = np.where(causal, scale * qh @ k[kv].T, -np.inf)
+        s_mixed = np.where(causal, np.where(exact, scale * qh @ k[kv].T,
+                                            scale * qh @ kq[kv].T), -np.inf)
+        p, pm = _softmax(s_exact), _softmax(s_mixed)
+        o = p @ v[kv]
+        om = (pm * exact) @ v[kv] + (pm * ~exact) @ vq[kv]
+        errs.append(np.linalg.norm(om - o, axis=-1) / np.linalg.norm(o, axis=-1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kls.append(np.where(p > 0, p * (np.log(p) - np.log(pm)), 0.0).sum(-1))
+    return float(np.mean(errs)), float(np.mean(kls))
+
+
+def attention_errors(recorded: dict, names: list, queries: int, scale: float) -> dict:
+    """{format name: {"layers": [(err, kl), ...], "err": mean, "kl": mean}}."""
+    parsed = {n: parse(n) for n in names}
+    out = {n: {"layers": []} for n in names}
+    for layer, (q, k, v) in recorded.items():
+        D = q.shape[-1]
+        rotations = {}
+        for name, (fmt, mods) in parsed.items():
+            if fmt.rotation not in rotations:
+                R = (np.array(HadamardRotation(D, fmt.seed, layer).matrix)
+                     if fmt.rotation else np.eye(D, dtype=np.float32))
+                rotations[fmt.rotation] = tuple(x @ R for x in (q, k, v))
+            qr, kr, vr = rotations[fmt.rotation]
+            kq, vq = stored_kv(kr, vr, fmt, mods)
+            out[name]["layers"].append(layer_error(qr, kr, vr, kq, vq, scale,
+                                                   min(queries, q.shape[1]),
+                                                   fmt.recent, fmt.sink))
+    for entry in out.values():
+        errs, kls = zip(*entry["layers"])
+        entry.update(err=float(np.mean(errs)), kl=float(np.mean(kls)))
+    return out
+
+
+def _scale(model) -> float:
+    attn = getattr(model.layers[0], "self_attn", None)
+    return float(getattr(attn, "scale", model.head_dim ** -0.5))
+
+
+@cli_main
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python benchmarks/kv_attention_error.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model folder (default: the default model)")
+    p.add_argument("--corpus", default="moby-dick", choices=("moby-dick", "botchan"))
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--queries", type=int, default=512,
+                   help="last positions whose attention is compared (default 512)")
+    p.add_argument("--formats", nargs="+", default=["int4-g64-rot-w256-s4"])
+    p.add_argument("--json", dest="json_path", help="also write the figures as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    args = p.parse_args(argv)
+    if args.json_path:
+        check_output_file(args.json_path, args.force)
+    for name in args.formats:
+        parse(name)  # a bad name fails before the model runs
+    if args.context < 2 or args.queries < 1:
+        raise MlxqError("--context must be at least 2 and --queries at least 1")
+    from mlxq.corpus import load_text
+    from mlxq.evaluate import dense_weights, encode_text
+    from mlxq.loading import load_for_cli
+
+    model, tokenizer = load_for_cli(args.model)
+    dense_weights(model)
+    tokens = encode_text(tokenizer, load_text(args.corpus), args.context)
+    if len(tokens) < args.context:
+        raise MlxqError(f"the corpus has only {len(tokens)} tokens")
+    recorded = record_attention(model, tokens)
+    if not recorded:
+        raise MlxqError("no layer of this model takes the quantized cache")
+    result = attention_errors(recorded, args.formats, args.queries, _scale(model))
+    print(f"context {args.context}, last {min(args.queries, args.context)} queries, "
+          f"{len(recorded)} layers; err = relative attention-output error, "
+          "kl = attention-weight KL")
+    print(f"{'format':<36}{'err':>9}{'kl':>10}")
+    for name, entry in result.items():
+        print(f"{name:<36}{entry['err']:>9.4f}{entry['kl']:>10.5f}")
+    if args.json_path:
+        write_text_file(args.json_path, json.dumps(
+            {"context": args.context, "queries": args.queries, "layers": sorted(recorded),
+             "formats": result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,11 +24,9 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import MlxqError
-from .kernels.kv_layout import row_bytes, row_words
+from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
 from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions
-
-_FP16_BYTES = 2
 
 
 def store_rows(config: KVCacheConfig, longest: int) -> int:
@@ -42,9 +40,9 @@ def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: in
     """An upper bound on one layer's ``BatchQuantizedKVCache`` bytes for ``sequences``
     sequences that each hold fewer than ``tokens`` tokens (``nbytes`` stays within it)."""
     fp_slots = config.sink + config.recent + 1  # + the scratch slot
-    return sequences * heads * (
-        store_rows(config, tokens - 1) * row_bytes(head_dim, config.bits, config.group_size)
-        + fp_slots * 2 * head_dim * _FP16_BYTES)
+    return (sequences * heads * store_rows(config, tokens - 1)
+            * row_bytes(head_dim, config.bits, config.group_size)
+            + fp16_bytes(sequences, heads, fp_slots, head_dim, head_dim))
 
 
 class _Batch:

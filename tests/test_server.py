@@ -511,6 +511,32 @@ def test_kv_estimate_bounds_real_cache_bytes(tiny_random, kv_bits):
         assert bound <= 4 * peak + 2 * MB  # an upper bound, not a wild one
 
 
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_running_requests_reserve_the_padded_batch(tiny_random, kv_bits):
+    """A short request next to a long one takes a long row in the decode batch: the
+    reservation covers the real batch, which the sum of lone caches would undercount."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import prefill_chunks
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import BatchDecoder, Sequence, kv_bytes_needed
+
+    model, _ = tiny_random
+    decoder = BatchDecoder(model, {"kv_bits": kv_bits})
+    seqs = []
+    for i, n in enumerate((700, 5)):
+        ids = [(7 * j) % 1000 + 10 for j in range(n)]
+        caches = make_cache(model, kv_bits=kv_bits)
+        list(prefill_chunks(model, ids, caches, 256))
+        seqs.append(Sequence(i, None, None, caches=caches, last=mx.array(ids[-1:]),
+                             sampler=make_sampler()))
+    for _ in range(3):
+        for s, token in zip(seqs, decoder.step(seqs)):
+            s.last = mx.array([token])
+    tokens = [700 + 10, 5 + 10]  # prompt + max_tokens of each
+    alone = sum(kv_bytes_needed(model, {"kv_bits": kv_bits}, t) for t in tokens)
+    assert alone < decoder.nbytes <= decoder.kv_bytes(tokens)
+
+
 # --- prefix cache ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kv_bits", [16, 4])
 def test_prefix_cache_reuses_an_earlier_conversation(small_default, kv_bits):

@@ -11,6 +11,11 @@ every request computes its whole prompt). A stream sends ``--requests`` requests
 the other. Per request: time to first token and decode ms/token (first to last token over
 completion_tokens - 1).
 
+Decode step: the server's ``BatchDecoder.step`` alone (no HTTP, no prefill in between),
+ms per step with B sequences of different prompt lengths, as one batched forward and as one
+forward per sequence (the step before batching), alternated in rounds so both see the same
+machine load; tokens/s = B / step time.
+
 Sessions: a cache of each type is filled with ``--session-tokens`` tokens (random keys and
 values through the cache's own append path, see ``measure_session``) and its bytes
 measured; "fit" is how many such sessions the server admits in each budget, by its
@@ -54,6 +59,10 @@ def parse_args(argv=None):
                    help="tokens of one session (default 8192; quick 1024)")
     p.add_argument("--budgets", type=common.int_list, default=None,
                    help="KV memory budgets in GB (default: 2,4,8,16)")
+    p.add_argument("--step-batches", type=common.int_list, default=None,
+                   help="batch sizes of the decode-step measurement (default: --streams)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed decode steps per mode and round (default 4; quick 2)")
     p.add_argument("--layers", type=int, default=None,
                    help="use only the model's first N layers (default: all; quick: 2)")
     args = p.parse_args(argv)
@@ -63,8 +72,10 @@ def parse_args(argv=None):
     args.session_tokens = args.session_tokens or (1024 if args.quick else 8192)
     args.budgets = args.budgets or BUDGETS_GB
     args.layers = args.layers or (2 if args.quick else None)
-    if min(args.requests, args.max_tokens, args.session_tokens) < 1:
-        p.error("--requests, --max-tokens and --session-tokens must be >= 1")
+    args.step_batches = args.step_batches or args.streams
+    args.steps = args.steps or (2 if args.quick else 4)
+    if min(args.requests, args.max_tokens, args.session_tokens, args.steps) < 1:
+        p.error("--requests, --max-tokens, --session-tokens and --steps must be >= 1")
     return args
 
 
@@ -138,6 +149,45 @@ def measure_streams(server, n_streams: int, args) -> dict:
             "ms_per_token_median": statistics.median(per_token) if per_token else None}
 
 
+# --- the decode step alone ------------------------------------------------------------------
+def measure_decode_step(model, kv: dict, batch: int, steps: int, rounds: int = 3) -> dict:
+    """Median ms per ``BatchDecoder.step`` over ``batch`` sequences, batched vs per sequence
+    (the same prefilled prompts, fresh caches for each mode and round)."""
+    from mlxq.cache import copy_caches, make_cache
+    from mlxq.generate import prefill_chunks
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import BatchDecoder, Sequence
+
+    prompts = [[(7 * i + 3 * b) % 1000 + 10 for i in range(16 + 3 * b)] for b in range(batch)]
+    prefilled = []  # prefilled once; each mode and round decodes from copies
+    for ids in prompts:
+        caches = make_cache(model, **kv)
+        for _ in prefill_chunks(model, ids, caches, 512):
+            pass
+        prefilled.append(caches)
+    times = {"batched": [], "per_sequence": []}
+    for _ in range(rounds):
+        for mode in times:
+            decoder = BatchDecoder(model, kv)
+            decoder.batched = decoder.batched and mode == "batched"
+            seqs = [Sequence(i, None, None, caches=copy_caches(caches),
+                             last=mx.array(ids[-1:]), sampler=make_sampler())
+                    for i, (ids, caches) in enumerate(zip(prompts, prefilled))]
+            for n in range(steps + 1):  # the first step (joining, graph setup) untimed
+                start = time.perf_counter()
+                for s, token in zip(seqs, decoder.step(seqs)):
+                    s.last = mx.array([token])
+                if n:
+                    times[mode].append(time.perf_counter() - start)
+            del decoder, seqs
+            mx.clear_cache()
+    out = {"status": "ok", "batch": batch}
+    for mode, t in times.items():
+        ms = statistics.median(t) * 1e3
+        out[f"{mode}_ms_per_step"], out[f"{mode}_tokens_per_s"] = ms, batch * 1e3 / ms
+    return out
+
+
 # --- sessions in a budget ---------------------------------------------------------------------
 def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
     """Bytes of one cache holding ``tokens`` tokens, filled through ``mlxq.attention.attend``
@@ -146,7 +196,7 @@ def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
     8K-token prefill of the whole model takes most of an hour on a 2-core CPU."""
     from mlxq.attention import attend
     from mlxq.cache import cache_nbytes, make_cache
-    from mlxq.server.scheduler import kv_bytes_needed
+    from mlxq.server.scheduler import BatchDecoder
 
     heads, kv_heads, dim = model.args.num_attention_heads, model.n_kv_heads, model.head_dim
     caches = make_cache(model, **kv)
@@ -166,11 +216,11 @@ def measure_session(model, kv: dict, tokens: int, chunk: int = 512) -> dict:
     del caches
     mx.clear_cache()
     return {"measured_bytes": measured, "fill_s": fill_s,
-            "admission_bytes": kv_bytes_needed(model, kv, tokens, chunk)}
+            "admission_bytes": BatchDecoder(model, kv).kv_bytes([tokens])}
 
 
 # --- output ---------------------------------------------------------------------------------
-def table(rows, sessions) -> str:
+def table(rows, sessions, steps=()) -> str:
     headers = ["KV cache", "streams", "tokens/s", "TTFT ms", "ms/token/stream", "requests"]
     body = [[r["label"], str(r["streams"]), common.fmt(r.get("tokens_per_s"), ".1f"),
              common.fmt(r.get("ttft_ms_median"), ".0f"),
@@ -183,7 +233,16 @@ def table(rows, sessions) -> str:
     body = [[s["label"], str(s["session_tokens"]), common.fmt(s["measured_bytes"] / 1e6, ".1f"),
              common.fmt(s["admission_bytes"] / 1e6, ".1f"),
              *[str(n) for n in s["fit"].values()]] for s in sessions]
-    return out + "\n\n" + common.format_table(headers, body)
+    out += "\n\n" + common.format_table(headers, body)
+    if steps:
+        headers = ["KV cache", "batch", "ms/step batched", "ms/step per sequence",
+                   "tokens/s batched", "tokens/s per sequence"]
+        body = [[r["label"], str(r["batch"]), common.fmt(r.get("batched_ms_per_step"), ".0f"),
+                 common.fmt(r.get("per_sequence_ms_per_step"), ".0f"),
+                 common.fmt(r.get("batched_tokens_per_s"), ".1f"),
+                 common.fmt(r.get("per_sequence_tokens_per_s"), ".1f")] for r in steps]
+        out += "\n\n" + common.format_table(headers, body)
+    return out
 
 
 def plot(path, rows, sessions, machine, model_desc):
@@ -241,6 +300,7 @@ def main(argv=None) -> int:
     from mlxq.default_model import default_model_path
     from mlxq.loading import load
     from mlxq.server import create_server
+    from mlxq.server.scheduler import BatchDecoder
 
     machine = common.machine_info()
     print(f"# {common.machine_title(machine)}", flush=True)
@@ -249,7 +309,7 @@ def main(argv=None) -> int:
         model.model.layers = model.model.layers[:args.layers]
     model_desc = (f"default model (SmolLM2-135M-Instruct, {len(model.layers)} layers"
                   f"{' of 30' if args.layers else ''})")
-    rows, sessions = [], []
+    rows, sessions, steps = [], [], []
     for key, label, kv in kv_paths(machine):
         for n in args.streams:
             server = create_server(model, tokenizer, "bench", kv_options=kv,
@@ -262,6 +322,15 @@ def main(argv=None) -> int:
             rows.append({"path": key, "label": label, "streams": n, **fig})
             print(f"  {label}, {n} streams: {fig.get('tokens_per_s', 0):.1f} tokens/s",
                   file=sys.stderr, flush=True)
+        for b in args.step_batches:
+            try:
+                fig = measure_decode_step(model, kv, b, args.steps)
+            except Exception as e:  # noqa: BLE001 - recorded, exit code 1
+                fig = common.failed(e)
+            steps.append({"path": key, "label": label, "batch": b, **fig})
+            print(f"  {label}, decode step of {b}: {fig.get('batched_ms_per_step', 0):.0f} ms "
+                  f"batched, {fig.get('per_sequence_ms_per_step', 0):.0f} ms per sequence",
+                  file=sys.stderr, flush=True)
         s = measure_session(model, kv, args.session_tokens)
         s["fit"] = {gb: int(gb * 10**9 // s["admission_bytes"]) for gb in args.budgets}
         sessions.append({"path": key, "label": label, "session_tokens": args.session_tokens,
@@ -271,14 +340,17 @@ def main(argv=None) -> int:
                          "requests_per_stream": args.requests, "max_tokens": args.max_tokens,
                          "session_tokens": args.session_tokens, "budgets_gb": args.budgets,
                          "quick": args.quick, "prefix_cache": False,
-                         "batch_decode": "one forward per sequence per step (see "
-                                         "mlxq/server/scheduler.py)"},
-            "results": rows, "sessions": sessions}
+                         "step_batches": args.step_batches, "timed_steps": args.steps,
+                         "batch_decode": {key: "one (B, 1) forward per step"
+                                          if BatchDecoder(model, kv).batched else
+                                          "one forward per sequence per step"
+                                          for key, _, kv in kv_paths(machine)}},
+            "results": rows, "decode_step": steps, "sessions": sessions}
     common.write_json(json_path, data)
     plot(png_path, rows, sessions, machine, model_desc)
-    print(table(rows, sessions))
+    print(table(rows, sessions, steps))
     print(f"wrote {json_path} and {png_path}")
-    return common.exit_code(rows)
+    return common.exit_code(rows, steps)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ honours them (the fused kernels add them in the merge, the oracle after its last
 | ``QuantizedKVCache``           | > 8        | any              | the oracle, the chunk in float16   |
 | ``BatchQuantizedKVCache``      | 1 per seq. | metal, emulate   | the same kernels, per-sequence lens|
 | ``BatchQuantizedKVCache``      | 1 per seq. | reference        | the oracle, per-sequence positions |
+| ``BatchKVCache`` (full prec.)  | 1 per seq. | any              | MLX fused SDPA, per-sequence mask  |
 | another library's cache        | any        | any              | its ``update_and_fetch`` + SDPA    |
 
 The quantized cache always stores first and reads after (write before read), so no step
@@ -24,7 +25,7 @@ inside the kernels where the head dim is a power of two, else with MLX ops here.
 
 import mlx.core as mx
 
-from .batch_cache import BatchQuantizedKVCache
+from .batch_cache import BatchKVCache, BatchQuantizedKVCache
 from .cache import KVCache
 from .kernels.decode_attention import MAX_QUERY_TOKENS, segmented_decode_attention
 from .kernels.kv_layout import row_words
@@ -59,6 +60,10 @@ def attend(queries, keys, values, cache=None, scale: float = 1.0, sinks=None):
         return quantized_attend(queries, keys, values, cache, scale, sinks)
     if isinstance(cache, BatchQuantizedKVCache):
         return batch_attend(queries, keys, values, cache, scale, sinks)
+    if isinstance(cache, BatchKVCache):
+        k, v = cache.update_and_fetch(keys, values)
+        return mx.fast.scaled_dot_product_attention(
+            queries.astype(k.dtype), k, v, scale=scale, mask=cache.mask, sinks=sinks)
     return _foreign_cache_attend(queries, keys, values, cache, scale, sinks)
 
 

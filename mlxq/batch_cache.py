@@ -1,24 +1,67 @@
-"""``BatchQuantizedKVCache``: several sequences decoding together, each at its own length.
+"""Batched caches: several sequences decoding together, each at its own length.
 
 Continuous batching keeps a running batch: a sequence is prefilled alone (in a
 ``QuantizedKVCache``), joins the batch with ``extend`` and leaves it with ``filter``
-(mlx-lm's ``BatchKVCache`` names), each a one-time copy of the sequences' rows. In
+(mlx-lm's ``BatchKVCache`` names), each a one-time copy of the sequences' rows, and
+``extract`` gives one sequence back as a plain ``QuantizedKVCache`` (what it would hold
+had it decoded alone: the server's prefix cache keeps it). In
 between, every decode step appends one token per sequence at that sequence's own position
 and the fused kernel attends each sequence over its own length (``lens``), so one forward
 pass decodes the whole batch. The layout is ``QuantizedKVCache``'s, per sequence, plus one
 scratch row in the store and one scratch slot in the float16 buffer: a sequence whose new
 token has no place there (still in the sink; no window) writes it to the scratch, which no
 kernel reads. ``offset`` is an array of lengths, which RoPE takes per sequence.
+
+Every row of the store has the longest sequence's capacity (``store_rows``), so a batch
+allocates ``batch_nbytes``: what the server reserves for the sequences it runs together.
+
+``BatchKVCache`` is the same for the full-precision ``KVCache`` (``--kv-bits 16``): keys
+and values (B, H, rows, D), a sequence's token p in row p, and attention masks each
+sequence to its own length (MLX's fused SDPA with a boolean mask; ``mask``).
 """
 
 import mlx.core as mx
 
+from .cache import KVCache
 from .errors import MlxqError
-from .kernels.kv_layout import row_words
+from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
+from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions
 
 
-class BatchQuantizedKVCache(QuantizedOptions):
+def store_rows(config: KVCacheConfig, longest: int) -> int:
+    """Store rows of a batch whose longest sequence holds ``longest`` tokens: the rows
+    past the sink, the scratch row and the next token's row, in whole ``step`` blocks."""
+    return _blocks(max(1, longest - config.sink + 2), config.step)
+
+
+def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
+                 tokens: int) -> int:
+    """An upper bound on one layer's ``BatchQuantizedKVCache`` bytes for ``sequences``
+    sequences that each hold fewer than ``tokens`` tokens (``nbytes`` stays within it)."""
+    fp_slots = config.sink + config.recent + 1  # + the scratch slot
+    return (sequences * heads * store_rows(config, tokens - 1)
+            * row_bytes(head_dim, config.bits, config.group_size)
+            + fp16_bytes(sequences, heads, fp_slots, head_dim, head_dim))
+
+
+class _Batch:
+    """What both batched caches share: ``lengths`` (one per sequence) and the buffers
+    named by ``state``."""
+
+    lengths: list
+
+    @property
+    def offset(self):
+        """Per-sequence lengths (B,), what RoPE takes as positions."""
+        return mx.array(self.lengths, dtype=mx.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.state)
+
+
+class BatchQuantizedKVCache(QuantizedOptions, _Batch):
     """One layer's cache for a batch of sequences (same config and layer)."""
 
     def __init__(self, caches: list):
@@ -38,29 +81,25 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.lengths = [c.offset for c in caches]
         self.window_lengths = [c.window_length for c in caches]
         self.store, self.fp = self._stack([c.store for c in caches], [c.fp for c in caches],
-                                          max(self.lengths) + 1)
+                                          max(self.lengths))
 
     # --- what attention reads ---------------------------------------------------------
-    @property
-    def offset(self):
-        """Per-sequence lengths (B,), what RoPE takes as positions."""
-        return mx.array(self.lengths, dtype=mx.int32)
-
     @property
     def lens(self) -> list:
         return list(zip(self.lengths, self.window_lengths))
 
     @property
-    def nbytes(self) -> int:
-        return self.store.nbytes + self.fp.nbytes
+    def state(self):
+        """The buffers (what to evaluate after joining or leaving)."""
+        return self.store, self.fp
 
     # --- joining and leaving --------------------------------------------------------
-    def _stack(self, stores, fps, max_length):
+    def _stack(self, stores, fps, longest):
         """Whole buffers for the batch: rows padded to one capacity (+ the scratch row),
         float16 buffers to sink + recent slots (+ the scratch slot)."""
-        D, S, R, step = self.head_dim, self.sink, self.recent, self.config.step
+        D, S, R = self.head_dim, self.sink, self.recent
         H = next(x for x in stores + fps if x is not None).shape[1]
-        rows = -(-max(1, max_length - S + 1) // step) * step
+        rows = store_rows(self.config, longest)
         words = row_words(D, self.bits, self.group_size)
 
         def padded(x, size, width, dtype):
@@ -77,19 +116,37 @@ class BatchQuantizedKVCache(QuantizedOptions):
         if other.config != self.config or other.layer_index != self.layer_index:
             raise MlxqError("sequences of one batch need the same KV cache options")
         rows = max(self.store.shape[2], other.store.shape[2])
-        grow = lambda x: mx.concatenate(  # noqa: E731
-            [x, mx.zeros((*x.shape[:2], rows - x.shape[2], x.shape[3]), x.dtype)], axis=2)
-        self.store = mx.concatenate([grow(self.store), grow(other.store)])
+        self.store = mx.concatenate([_pad_rows(self.store, rows), _pad_rows(other.store, rows)])
         self.fp = mx.concatenate([self.fp, other.fp])
         self.lengths += other.lengths
         self.window_lengths += other.window_lengths
 
     def filter(self, keep: list):
-        """Keep the sequences at indices ``keep`` (in that order); the others leave."""
-        index = mx.array(keep, dtype=mx.int32)
-        self.store, self.fp = self.store[index], self.fp[index]
+        """Keep the sequences at indices ``keep`` (in that order); the others leave, and
+        the store shrinks to the longest remaining sequence's rows."""
+        if not keep:
+            raise MlxqError("a batch needs at least one sequence")
         self.lengths = [self.lengths[i] for i in keep]
         self.window_lengths = [self.window_lengths[i] for i in keep]
+        rows = min(self.store.shape[2], store_rows(self.config, max(self.lengths)))
+        self.store = _gather(self.store, keep, rows)
+        self.fp = _gather(self.fp, keep, self.fp.shape[2])
+
+    def extract(self, i: int) -> QuantizedKVCache:
+        """Sequence ``i`` as its own ``QuantizedKVCache`` (a copy; the batch is unchanged):
+        the rows, slots, lengths and buffer capacities it would hold had it decoded
+        alone (the server's prefix cache keeps it)."""
+        n, S, R, D = self.lengths[i], self.sink, self.recent, self.head_dim
+        H = self.store.shape[1]
+        cache = QuantizedKVCache(self.config, self.layer_index, self.backend)
+        cache.head_dim, cache.rotation, cache.signs = D, self.rotation, self.signs
+        if n > S:
+            cache._ensure_store(1, H, D, n - S)
+            cache.store[:, :, :n - S] = _gather(self.store, [i], n - S)
+        cache._ensure_fp(1, H, D, min(n, S) + min(R, max(0, n - S)))
+        cache.fp = _gather(self.fp, [i], cache.fp.shape[2])
+        cache.offset, cache.window_length = n, self.window_lengths[i]
+        return cache
 
     # --- writing --------------------------------------------------------------------
     def append(self, keys, values):
@@ -114,6 +171,107 @@ class BatchQuantizedKVCache(QuantizedOptions):
         self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
                                for n, w in zip(self.lengths, self.window_lengths)]
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def full_precision_nbytes(step: int, heads: int, head_dim: int, itemsize: int,
+                          sequences: int, tokens: int) -> int:
+    """Bytes of full-precision caches (``KVCache`` for one sequence, ``BatchKVCache`` for
+    several) whose sequences each hold fewer than ``tokens`` tokens: keys and values in
+    whole ``step`` blocks, every row as long as the longest (an upper bound)."""
+    return sequences * 2 * heads * _blocks(max(tokens, 1), step) * head_dim * itemsize
+
+
+def _blocks(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class BatchKVCache(_Batch):
+    """One layer's full-precision cache for a batch of sequences, each at its own length.
+    Same API as ``BatchQuantizedKVCache``; attention reads it with ``mask``."""
+
+    def __init__(self, caches: list):
+        if not caches:
+            raise MlxqError("a batch needs at least one sequence")
+        first = caches[0]
+        for c in caches:
+            if not isinstance(c, KVCache) or (c.step, c.dtype) != (first.step, first.dtype):
+                raise MlxqError("sequences of one batch need the same KV cache options")
+            if c.keys is None:
+                raise MlxqError("prefill a sequence before it joins a batch")
+        self.step, self.dtype = first.step, first.dtype
+        self.lengths = [c.offset for c in caches]
+        rows = _blocks(max(self.lengths) + 1, self.step)  # + the next token's row
+        self.keys = mx.concatenate([_pad_rows(c.keys[:, :, :c.offset], rows) for c in caches])
+        self.values = mx.concatenate([_pad_rows(c.values[:, :, :c.offset], rows)
+                                      for c in caches])
+
+    @property
+    def mask(self):
+        """(B, 1, 1, rows): True where a row holds one of that sequence's tokens."""
+        rows = mx.arange(self.keys.shape[2], dtype=mx.int32)
+        return (rows[None] < self.offset[:, None])[:, None, None]
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def update_and_fetch(self, keys, values):
+        """One new token per sequence, (B, H, 1, D), each in its own next row; returns all
+        rows (attend them under ``mask``)."""
+        if keys.shape[2] != 1 or keys.shape[0] != len(self.lengths):
+            raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
+                            f"{len(self.lengths)} sequences")
+        if max(self.lengths) >= self.keys.shape[2]:
+            rows = self.keys.shape[2] + self.step
+            self.keys, self.values = _pad_rows(self.keys, rows), _pad_rows(self.values, rows)
+        self.keys = _put_rows(self.keys, self.lengths, keys.astype(self.dtype))
+        self.values = _put_rows(self.values, self.lengths, values.astype(self.dtype))
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.keys, self.values
+
+    def extend(self, other: "BatchKVCache"):
+        """Add ``other``'s sequences after this batch's (a copy of both)."""
+        if (other.step, other.dtype) != (self.step, self.dtype):
+            raise MlxqError("sequences of one batch need the same KV cache options")
+        rows = max(self.keys.shape[2], other.keys.shape[2])
+        self.keys = mx.concatenate([_pad_rows(self.keys, rows), _pad_rows(other.keys, rows)])
+        self.values = mx.concatenate([_pad_rows(self.values, rows),
+                                      _pad_rows(other.values, rows)])
+        self.lengths += other.lengths
+
+    def filter(self, keep: list):
+        """Keep the sequences at indices ``keep`` (in that order); rows shrink to the
+        longest remaining sequence's."""
+        if not keep:
+            raise MlxqError("a batch needs at least one sequence")
+        self.lengths = [self.lengths[i] for i in keep]
+        rows = min(self.keys.shape[2], _blocks(max(self.lengths) + 1, self.step))
+        self.keys = _gather(self.keys, keep, rows)
+        self.values = _gather(self.values, keep, rows)
+
+    def extract(self, i: int) -> KVCache:
+        """Sequence ``i`` as its own ``KVCache`` (a copy, the capacity it would have had
+        alone); the batch is unchanged."""
+        n = self.lengths[i]
+        cache = KVCache(step=self.step, dtype=self.dtype)
+        cache.keys = _gather(self.keys, [i], _blocks(n, self.step))
+        cache.values = _gather(self.values, [i], _blocks(n, self.step))
+        cache.offset = n
+        return cache
+
+
+def _pad_rows(x, rows: int):
+    """``x`` (B, H, n, W) with zero rows appended up to ``rows``."""
+    if x.shape[2] == rows:
+        return x
+    return mx.concatenate([x, mx.zeros((*x.shape[:2], rows - x.shape[2], x.shape[3]),
+                                       x.dtype)], axis=2)
+
+
+def _gather(buffer, sequences: list, slots: int):
+    """The first ``slots`` rows of these sequences, in a buffer of their own. (A slice,
+    also after indexing, is a view that keeps the whole source buffer alive.)"""
+    return mx.take(buffer[:, :, :slots], mx.array(sequences, dtype=mx.int32), axis=0)
 
 
 def _put_rows(buffer, positions, rows):

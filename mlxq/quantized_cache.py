@@ -240,3 +240,16 @@ class QuantizedKVCache(QuantizedOptions):
         self.head_dim = value.get("head_dim")
         self.offset = int(value.get("offset", 0))
         self.window_length = int(value.get("window_length", 0))
+
+
+def quantized_nbytes(config: KVCacheConfig, heads: int, head_dim: int, tokens: int) -> int:
+    """Bytes one layer's ``QuantizedKVCache`` of one sequence allocates once it holds
+    ``tokens`` tokens (``nbytes`` agrees; the server reserves memory by it): store rows
+    past the sink in whole ``step`` blocks, float16 slots in FP_STEP blocks up to
+    sink + recent."""
+    S, R, step = config.sink, config.recent, config.step
+    rows = -(-max(0, tokens - S) // step) * step
+    slots = min(tokens, S) + min(R, max(0, tokens - S))
+    fp_slots = min(S + R, -(-slots // FP_STEP) * FP_STEP)
+    return heads * (rows * 4 * row_words(head_dim, config.bits, config.group_size)
+                    + fp_slots * 2 * head_dim * _FP16_BYTES)

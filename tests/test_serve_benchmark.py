@@ -29,6 +29,13 @@ def test_serve_benchmark_quick(tmp_path, default_model_dir):
         assert r["requests"] == r["streams"] * data["settings"]["requests_per_stream"]
         if r["path"] == "int4":  # named by the backend that ran it, never just "int4"
             assert machine["mlxq_backend"] in r["label"]
+    steps = data["decode_step"]
+    assert {(r["path"], r["batch"]) for r in steps} == {
+        (p, n) for p in ("fp", "int4") for n in data["settings"]["streams"]}
+    for r in steps:
+        assert r["status"] == "ok", r
+        for k in ("batched_ms_per_step", "per_sequence_ms_per_step"):
+            assert math.isfinite(r[k]) and r[k] > 0, (k, r)
     fp, q = data["sessions"]
     for s in (fp, q):
         # The server's admission accounting never undercounts a real session.

@@ -124,10 +124,11 @@ def test_openai_client_plain_and_streamed(default_model):
 
 
 # --- continuous batching -----------------------------------------------------------------------
-def test_16_concurrent_streams_match_each_request_alone(tiny_random):
+@pytest.mark.parametrize("kv_bits", [4, 16])
+def test_16_concurrent_streams_match_each_request_alone(tiny_random, kv_bits):
     openai = pytest.importorskip("openai")
     # No prefix cache: a request's text must not depend on what ran before it either.
-    server = make_server(tiny_random, kv_options={"kv_bits": 4}, prompt_cache_size=0,
+    server = make_server(tiny_random, kv_options={"kv_bits": kv_bits}, prompt_cache_size=0,
                          decode_concurrency=16)
     prompts = [f"Tell me about the number {i}." for i in range(16 * 3)]
     with running(server) as url:
@@ -153,6 +154,8 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
     assert len(results) == 48
     assert all(finish in ("stop", "length") for _, (_, finish) in results)
     assert h["peak_batch"] > 4  # requests really ran together
+    # ... and each decode step was one forward of all of them (the batched caches).
+    assert h["decode_forwards"] == h["decode_steps"]
     for prompt, got in results:
         if prompt in alone:
             assert got == alone[prompt], prompt
@@ -160,8 +163,68 @@ def test_16_concurrent_streams_match_each_request_alone(tiny_random):
     model, tokenizer = tiny_random
     for prompt in prompts[:2]:
         expected = generate(model, tokenizer, chat_ids(tokenizer, prompt),
-                            max_tokens=6 + len(prompt) % 5, kv_bits=4)
+                            max_tokens=6 + len(prompt) % 5, kv_bits=kv_bits)
         assert alone[prompt][0] == expected
+
+
+def test_one_forward_per_decode_step_as_sequences_join_and_leave(tiny_random, monkeypatch):
+    """The scheduler driven step by step: a request decodes alone, two of other lengths
+    join mid-stream and leave before it. Every decode step is one batched attention call
+    per layer over all decoding sequences, and every request gets the tokens it gets
+    alone (mlxq.generate)."""
+    import mlxq.attention as attention
+    from mlxq.generate import stream_generate
+    from mlxq.server.prefix_cache import PrefixCache
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import Scheduler
+
+    model, tokenizer = tiny_random
+    layers = len(model.layers)
+    batch_sizes, single_decodes = [], []
+    batch_attend, quantized_attend = attention.batch_attend, attention.quantized_attend
+    monkeypatch.setattr(attention, "batch_attend", lambda q, *a: (
+        batch_sizes.append(q.shape[0]), batch_attend(q, *a))[1])
+    monkeypatch.setattr(attention, "quantized_attend", lambda q, *a: (
+        single_decodes.append(q.shape[2] == 1), quantized_attend(q, *a))[1])
+    scheduler = Scheduler(model, tokenizer, {"kv_bits": 4}, PrefixCache(0, 0),
+                          max_kv_bytes=10**9, prefill_step_size=4)
+    # Prompts fed in chunks of 4 with no 1-token chunk: any 1-token attention is a decode.
+    requests = {"long": (list(range(30, 51)), 20), "short": (list(range(60, 65)), 8),
+                "mid": (list(range(70, 82)), 6)}
+    seqs = {}
+
+    def submit(name):
+        ids, max_tokens = requests[name]
+        scheduler.submit(CompletionParams(False, ids, max_tokens), lambda event: None)
+        seqs[name] = scheduler._waiting[-1]
+
+    def iterate():
+        steps = scheduler.stats()["decode_steps"]
+        scheduler._iteration(set())
+        return scheduler.stats()["decode_steps"] - steps
+
+    submit("long")
+    while len(seqs["long"].sampled) < 3:
+        iterate()
+    submit("short")
+    submit("mid")
+    steps = 3
+    while scheduler._active:
+        steps += iterate()
+    assert not any(single_decodes)
+    assert len(batch_sizes) == layers * steps == layers * scheduler.stats()["decode_steps"]
+    per_step = batch_sizes[::layers]
+    assert per_step == [b for b in batch_sizes[layers - 1::layers]]
+    # The batch grows as the newcomers' prefills end and shrinks as they finish.
+    assert per_step[:3] == [1, 1, 1]
+    assert [b for i, b in enumerate(per_step) if i == 0 or b != per_step[i - 1]] == \
+        [1, 2, 3, 2, 1]
+    assert sum(per_step) == sum(len(s.sampled) for s in seqs.values())
+    assert scheduler.decoder.rows == [] and scheduler.stats()["kv_active_bytes"] == 0
+    for name, (ids, max_tokens) in requests.items():
+        alone = [r.token for r in stream_generate(model, tokenizer, ids,
+                                                  max_tokens=max_tokens, kv_bits=4)]
+        assert seqs[name].sampled == alone, name
 
 
 def test_client_disconnect_frees_slot_and_memory(tiny_random):
@@ -190,6 +253,103 @@ def test_client_disconnect_frees_slot_and_memory(tiny_random):
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_one_token_prompt_takes_its_first_step_alone_then_joins(tiny_random):
+    """A one-token prompt has no cache to join the batch with: its first decode step is a
+    forward of its own, the next ones are rows of the batch; its tokens are its own."""
+    from mlxq.generate import stream_generate
+    from mlxq.server.prefix_cache import PrefixCache
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import Scheduler
+
+    model, tokenizer = tiny_random
+    scheduler = Scheduler(model, tokenizer, {"kv_bits": 4}, PrefixCache(0, 0),
+                          max_kv_bytes=10**9)
+    seqs = []
+    for ids in ([40, 41, 42, 43, 44], [7]):
+        scheduler.submit(CompletionParams(False, ids, 5), lambda event: None)
+        seqs.append(scheduler._waiting[-1])
+    while scheduler._active or scheduler._waiting:
+        scheduler._iteration(set())
+    stats = scheduler.stats()
+    assert stats["peak_batch"] == 2
+    assert scheduler.decoder.forwards == stats["decode_steps"] + 1
+    for s in seqs:
+        ids = s.params.prompt_ids
+        assert s.sampled == [r.token for r in stream_generate(model, tokenizer, ids,
+                                                              max_tokens=5, kv_bits=4)]
+
+
+def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
+    """A model built by the mlx-lm bridge cannot take the batch's per-sequence offsets: its
+    decode steps stay one forward per sequence, with each sequence's own tokens."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import next_token, prefill_chunks
+    from mlxq.models import build_model
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import BatchDecoder, Sequence
+
+    model = build_model({"model_type": "phi3", "hidden_size": 128, "num_hidden_layers": 2,
+                         "intermediate_size": 128, "num_attention_heads": 2,
+                         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 64,
+                         "rope_theta": 10000.0, "max_position_embeddings": 256,
+                         "tie_word_embeddings": False})
+    decoder = BatchDecoder(model, {"kv_bits": 4})
+    assert not decoder.batched
+    prompts = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13]]
+
+    def prefilled(ids):
+        caches = make_cache(model, kv_bits=4)
+        list(prefill_chunks(model, ids, caches, 512))
+        return caches
+
+    seqs = [Sequence(i, None, None, caches=prefilled(ids), last=mx.array(ids[-1:]),
+                     sampler=make_sampler()) for i, ids in enumerate(prompts)]
+    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    for step in range(3):
+        tokens = decoder.step(seqs)
+        for s, t in zip(seqs, tokens):
+            s.last = mx.array([t])
+        for i, (caches, last) in enumerate(alone):
+            y = next_token(model, last, caches, make_sampler())
+            assert tokens[i] == y.item()
+            alone[i] = (caches, y)
+    assert decoder.forwards == 6 and decoder.rows == []
+
+
+def test_disconnect_leaves_the_running_batch_and_frees_its_memory(tiny_random):
+    """Two streams decode as one batch; one client goes away: its row leaves the batch
+    (and its bytes), the other stream keeps going; when both are gone, MLX's active
+    memory is back where it started."""
+    server = make_server(tiny_random, kv_options={"kv_bits": 4}, prompt_cache_size=0)
+    body = {"messages": [{"role": "user", "content": "Count to one thousand."}],
+            "max_tokens": 1500, "stream": True}
+    with running(server) as url, httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+        assert a.post(f"{url}/v1/chat/completions",
+                      json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+        base = wait_idle(url)
+        with a.stream("POST", f"{url}/v1/chat/completions", json=body) as ra:
+            lines_a = ra.iter_lines()
+            with b.stream("POST", f"{url}/v1/chat/completions", json=body) as rb:
+                lines_b = rb.iter_lines()
+                deadline = time.monotonic() + 20
+                while health(url)["batch"] < 2:
+                    next(lines_a), next(lines_b)
+                    assert time.monotonic() < deadline
+                both = health(url)
+            # b is gone: a alone in the batch, fewer bytes, and a still streams.
+            deadline = time.monotonic() + 20
+            while (h := health(url))["batch"] != 1:
+                next(lines_a)
+                assert time.monotonic() < deadline
+            assert h["requests_cancelled"] == 1 and h["active"] == 1
+            assert 0 < h["kv_active_bytes"] < both["kv_active_bytes"]
+            assert [next(lines_a) for _ in range(6)]
+        end = wait_idle(url)
+    assert end["requests_cancelled"] == 2 and end["batch"] == 0
+    assert end["kv_active_bytes"] == 0
+    assert end["mlx_active_memory"] <= base["mlx_active_memory"]
 
 
 # --- bad requests ------------------------------------------------------------------------------
@@ -284,8 +444,8 @@ def test_admission_queue_full_is_503_and_too_big_is_400(tiny_random):
     from mlxq.server.scheduler import kv_bytes_needed
 
     model, _ = tiny_random
-    one = kv_bytes_needed(model, {"kv_bits": 4}, 600, 512)
-    big = kv_bytes_needed(model, {"kv_bits": 4}, 1500, 512)
+    one = kv_bytes_needed(model, {"kv_bits": 4}, 600)
+    big = kv_bytes_needed(model, {"kv_bits": 4}, 1500)
     limit = (one + big) // 2
     assert one < limit < min(big, 2 * one)
     # Room for one request of ~600 tokens at a time and no waiting room.
@@ -307,7 +467,7 @@ def test_admission_queue_full_is_503_and_too_big_is_400(tiny_random):
         wait_idle(url)
         ok = client.post(f"{url}/v1/chat/completions", json={**long_body, "stream": False,
                                                              "max_tokens": 3})
-        assert ok.status_code == 200
+        assert ok.status_code == 200, ok.text
 
 
 def test_waiting_requests_are_served_in_turn(tiny_random):
@@ -315,7 +475,7 @@ def test_waiting_requests_are_served_in_turn(tiny_random):
     from mlxq.server.scheduler import kv_bytes_needed
 
     model, _ = tiny_random
-    one = kv_bytes_needed(model, {"kv_bits": 16}, 40, 512)
+    one = kv_bytes_needed(model, {"kv_bits": 16}, 40)
     server = make_server(tiny_random, max_kv_bytes=2 * one, prompt_cache_size=0)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     with running(server) as url:
@@ -346,9 +506,35 @@ def test_kv_estimate_bounds_real_cache_bytes(tiny_random, kv_bits):
             y = next_token(model, y, caches, make_sampler())
             mx.eval(y)
             peak = max(peak, sum(c.nbytes for c in caches))
-        bound = kv_bytes_needed(model, {"kv_bits": kv_bits}, n_prompt + n_decode, 256)
+        bound = kv_bytes_needed(model, {"kv_bits": kv_bits}, n_prompt + n_decode)
         assert peak <= bound, (n_prompt, peak, bound)
         assert bound <= 4 * peak + 2 * MB  # an upper bound, not a wild one
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_running_requests_reserve_the_padded_batch(tiny_random, kv_bits):
+    """A short request next to a long one takes a long row in the decode batch: the
+    reservation covers the real batch, which the sum of lone caches would undercount."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import prefill_chunks
+    from mlxq.sampling import make_sampler
+    from mlxq.server.scheduler import BatchDecoder, Sequence, kv_bytes_needed
+
+    model, _ = tiny_random
+    decoder = BatchDecoder(model, {"kv_bits": kv_bits})
+    seqs = []
+    for i, n in enumerate((700, 5)):
+        ids = [(7 * j) % 1000 + 10 for j in range(n)]
+        caches = make_cache(model, kv_bits=kv_bits)
+        list(prefill_chunks(model, ids, caches, 256))
+        seqs.append(Sequence(i, None, None, caches=caches, last=mx.array(ids[-1:]),
+                             sampler=make_sampler()))
+    for _ in range(3):
+        for s, token in zip(seqs, decoder.step(seqs)):
+            s.last = mx.array([token])
+    tokens = [700 + 10, 5 + 10]  # prompt + max_tokens of each
+    alone = sum(kv_bytes_needed(model, {"kv_bits": kv_bits}, t) for t in tokens)
+    assert alone < decoder.nbytes <= decoder.kv_bytes(tokens)
 
 
 # --- prefix cache ----------------------------------------------------------------------------------

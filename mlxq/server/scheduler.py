@@ -11,16 +11,23 @@ HTTP 503 with Retry-After. Each iteration of the loop then
    prompt costs the running streams one chunk's delay per token, not the whole prompt,
 4. runs ``BatchDecoder.step`` over every request that is generating: one new token each.
 
-``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a batched decode step.
-Today it runs one forward per sequence, each over its own per-layer caches (the int4
-cache as it exists), and evaluates all of them together in a single ``mx.eval``. The next
-step is a single forward of the (B, 1) batch through the fused int4 kernel inside this
-class: main's ``mlxq.batch_cache.BatchQuantizedKVCache`` (sequences join with ``extend``
-after their own prefill, leave with ``filter``, per-sequence ``offset`` for RoPE) is that
-batched cache; nothing else in the server changes. Numerically a request's tokens do not
-depend on what else runs: its prefill chunks start at fixed positions and its decode
-graph is its own, so at temperature 0 a request in a batch returns exactly what it
-returns alone.
+``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a decode step. On
+mlxq's own models it keeps a running batch: per layer one batched cache from
+``mlxq.batch_cache`` (``BatchQuantizedKVCache`` for int4/int8, ``BatchKVCache`` for
+``--kv-bits 16``), which a sequence joins (``extend``) once its own prefill is done and
+leaves (``filter``, after ``extract`` of its caches for the prefix cache) when it
+finishes, fails or its client goes away. A step is then ONE (B, 1) forward of every
+generating sequence, each at its own length (int4: the fused kernel with per-sequence
+lengths); each row is sampled by its request's own sampler. Models from the mlx-lm
+bridge (``decodes_as_one_batch`` says why) run one forward per sequence over its own
+caches, evaluated together.
+
+Memory: the batch pads every sequence's store to the longest one's rows, so the running
+requests are reserved ``BatchDecoder.kv_bytes`` (the padded batch), not the sum of their
+own caches. At temperature 0 a request's tokens do not depend on what else runs beyond
+float rounding: its prefill chunks start at fixed positions and its row of a batched step
+is computed as it would be alone, up to the summation order of a (B, ·) matmul (the
+16-stream test compares every answer with the same request sent alone).
 """
 
 import itertools
@@ -33,41 +40,53 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..backend import compute_dtype
-from ..cache import make_cache
+from ..batch_cache import BatchKVCache, BatchQuantizedKVCache, batch_nbytes, full_precision_nbytes
+from ..cache import config_from_options, make_cache
 from ..generate import next_token, prefill_chunks
 from ..prompt_cache import PromptCache
+from ..quantized_cache import quantized_nbytes
 from ..sampling import make_sampler
 from .protocol import ApiError, CompletionParams, usage
 
-def kv_bytes_needed(model, kv_options: dict, tokens: int, prefill_step: int) -> int:
-    """An upper bound on the KV-cache bytes of one sequence of ``tokens`` tokens with these
-    KV options: buffers grow in whole ``step`` blocks; a quantized cache holds one packed
-    row per token plus at most ``sink + recent`` float16 slots (mlxq/quantized_cache.py)."""
-    from ..cache import config_from_options
 
+def kv_bytes_needed(model, kv_options: dict, tokens: int) -> int:
+    """The KV-cache bytes one sequence of up to ``tokens`` tokens allocates in its own
+    caches with these KV options (buffers grow in whole blocks)."""
     config = config_from_options(**kv_options)
-    layers = len(model.layers)
-    heads, head_dim = model.n_kv_heads, model.head_dim
-    blocks = -(-max(tokens, 1) // config.step) * config.step
-    if not config.quantized:
-        per_token = 2 * heads * head_dim * mx.zeros((), compute_dtype()).itemsize
-        return layers * blocks * per_token
-    from ..kernels.kv_layout import row_bytes
-
-    fp_slots = min(config.sink + config.recent, tokens + prefill_step)
-    return layers * heads * (blocks * row_bytes(head_dim, config.bits, config.group_size)
-                             + fp_slots * 2 * head_dim * 2)
+    layers, heads, head_dim = len(model.layers), model.n_kv_heads, model.head_dim
+    if config.quantized:
+        return layers * quantized_nbytes(config, heads, head_dim, tokens)
+    return layers * full_precision_nbytes(config.step, heads, head_dim, _itemsize(), 1, tokens)
 
 
-@dataclass
+def _itemsize() -> int:
+    return mx.zeros((), compute_dtype()).itemsize
+
+
+def decodes_as_one_batch(model) -> bool:
+    """Whether a decode step runs every sequence through ONE (B, 1) forward over a batched
+    cache per layer (``BatchQuantizedKVCache``, or ``BatchKVCache`` for ``--kv-bits 16``);
+    if not, one forward per sequence over its own caches. The one place that decides.
+
+    mlxq's own models (mlxq/models) batch: they hand the batch's per-sequence offsets (an
+    array) to ``mx.fast.rope``, which takes it, and attend through ``mlxq.attention``.
+    Models built by the mlx-lm bridge (mlxq/mlx_lm_bridge.py) do not: their layers see
+    the caches through views and masks made for one sequence at one integer offset, and
+    sliding-window layers keep mlx-lm's own caches.
+    """
+    from ..models.transformer import Model
+
+    return isinstance(model, Model)
+
+
+@dataclass(eq=False)  # compared by identity: the decoder keeps them in its batch
 class Sequence:
     """One request inside the scheduler."""
 
     id: int
     params: CompletionParams
     emit: object  # callable(event dict), safe to call from the scheduler thread
-    reserved: int
-    caches: list = None
+    caches: list = None  # its own per-layer caches, until it joins the decode batch
     cached_tokens: int = 0
     prefill: object = None  # prefill_chunks generator while reading the prompt
     prefilled: int = 0
@@ -83,22 +102,108 @@ class Sequence:
     def decoding(self) -> bool:
         return self.prefill is None
 
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens its cache may hold: what its KV memory is reserved for."""
+        return len(self.params.prompt_ids) + self.params.max_tokens
+
 
 class BatchDecoder:
     """One decode step for a set of sequences: feed each its last token, sample the next.
 
-    Now: a forward per sequence over its own caches, all evaluated in one ``mx.eval``.
-    Next: one (B, 1) forward over a ``BatchQuantizedKVCache`` per layer (the fused decode
-    kernel with per-sequence lengths) -- same signature.
+    Batched (``decodes_as_one_batch``): ``rows`` are the sequences of the running batch
+    and ``caches`` its per-layer batched caches; a step first makes the batch
+    exactly the given sequences (newcomers join, anything else leaves), then runs one
+    forward. Otherwise one forward per sequence over ``Sequence.caches``.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, kv_options: dict):
         self.model = model
+        self.kv_options = kv_options
+        self.config = config_from_options(**kv_options)
+        self.batched = decodes_as_one_batch(model)
+        self.batch_class = BatchQuantizedKVCache if self.config.quantized else BatchKVCache
+        self.rows: list[Sequence] = []
+        self.caches: list | None = None
+        self.forwards = 0  # model calls made by decode steps (a count the tests read)
 
     def step(self, sequences) -> list[int]:
-        ys = [next_token(self.model, s.last, s.caches, s.sampler) for s in sequences]
-        mx.eval(ys)
-        return [y.item() for y in ys]
+        if not self.batched:
+            ys = {s: next_token(self.model, s.last, s.caches, s.sampler) for s in sequences}
+            self.forwards += len(sequences)
+        else:
+            # A one-token prompt has no cache yet to join with: its first step runs alone.
+            empty = [s for s in sequences if s not in self.rows and s.caches[0].offset == 0]
+            ys = {s: next_token(self.model, s.last, s.caches, s.sampler) for s in empty}
+            for s in [s for s in self.rows if s not in sequences]:
+                self.leave(s)
+            self._join([s for s in sequences if s not in self.rows and s not in ys])
+            if self.rows:
+                tokens = mx.concatenate([s.last for s in self.rows])[:, None]
+                logits = self.model(tokens, cache=self.caches)[:, -1, :]
+                ys.update({s: s.sampler(logits[i:i + 1]) for i, s in enumerate(self.rows)})
+            self.forwards += len(empty) + bool(self.rows)
+        mx.eval(list(ys.values()))
+        return [ys[s].item() for s in sequences]
+
+    def _join(self, newcomers) -> None:
+        """Prefilled sequences join the batch; their own caches are handed over."""
+        if not newcomers:
+            return
+        for i in range(len(self.model.layers)):
+            joining = self.batch_class([s.caches[i] for s in newcomers])
+            for s in newcomers:
+                s.caches[i] = None
+            if self.caches is None:
+                self.caches = [None] * len(self.model.layers)
+            if self.caches[i] is None:
+                self.caches[i] = joining
+            else:
+                self.caches[i].extend(joining)
+            # Layer by layer: the old buffers go before the next layer is copied.
+            mx.eval(self.caches[i].state)
+        for s in newcomers:
+            s.caches = None
+        self.rows += newcomers
+
+    def leave(self, s: Sequence, keep_cache: bool = False) -> list | None:
+        """``s`` is done: its per-layer caches (its own, or taken out of the batch when
+        ``keep_cache``), and its batch row freed."""
+        if s not in self.rows:
+            caches, s.caches = s.caches, None
+            return caches
+        i = self.rows.index(s)
+        caches = None
+        if keep_cache:  # evaluated now: a lazy copy would keep the whole batch alive
+            caches = [layer.extract(i) for layer in self.caches]
+            mx.eval([c.state for c in caches])
+        del self.rows[i]
+        if not self.rows:
+            self.caches = None
+            return caches
+        keep = [j for j in range(len(self.rows) + 1) if j != i]
+        for layer in self.caches:
+            layer.filter(keep)
+            mx.eval(layer.state)
+        return caches
+
+    def kv_bytes(self, token_counts: list[int]) -> int:
+        """The KV bytes sequences that may hold these many tokens need together: the
+        padded batch (every row as long as the longest) or their own caches."""
+        if not token_counts:
+            return 0
+        if self.batched:
+            layers, heads, dim = len(self.model.layers), self.model.n_kv_heads, self.model.head_dim
+            B, longest = len(token_counts), max(token_counts)
+            if self.config.quantized:
+                return layers * batch_nbytes(self.config, heads, dim, B, longest)
+            return layers * full_precision_nbytes(self.config.step, heads, dim, _itemsize(),
+                                                  B, longest)
+        return sum(kv_bytes_needed(self.model, self.kv_options, n) for n in token_counts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches) if self.caches else 0
 
 
 class Scheduler:
@@ -113,7 +218,7 @@ class Scheduler:
         self.max_kv_bytes = max_kv_bytes
         self.max_waiting = max_waiting
         self.prefill_step_size = prefill_step_size
-        self.decoder = BatchDecoder(model)
+        self.decoder = BatchDecoder(model, kv_options)
         self.eos = set(tokenizer.eos_token_ids)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -123,7 +228,8 @@ class Scheduler:
         self._reserved = 0
         self._stopping = False
         self._thread = None
-        self._stats = {"requests_finished": 0, "requests_cancelled": 0, "peak_batch": 0}
+        self._stats = {"requests_finished": 0, "requests_cancelled": 0, "peak_batch": 0,
+                       "decode_steps": 0}
         self._update_stats()
 
     # --- called from the HTTP side ---------------------------------------------------------
@@ -140,9 +246,8 @@ class Scheduler:
 
     def submit(self, params: CompletionParams, emit) -> int:
         """Queue a request; ``emit(event)`` gets {"type": "text"|"done"|"error", ...}."""
-        need = kv_bytes_needed(self.model, self.kv_options,
-                               len(params.prompt_ids) + params.max_tokens,
-                               self.prefill_step_size)
+        tokens = len(params.prompt_ids) + params.max_tokens
+        need = self.decoder.kv_bytes([tokens])
         if need > self.max_kv_bytes:
             raise ApiError(
                 400, f"this request may need {need / 1e6:.1f} MB of KV cache, more than the "
@@ -151,11 +256,11 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down")
-            if len(self._waiting) >= self.max_waiting and not self._can_admit_now(need):
+            if len(self._waiting) >= self.max_waiting and not self._can_admit_now(tokens):
                 raise ApiError(503, "the server is busy: all KV memory and queue slots are "
                                     "taken; retry shortly", type="server_busy",
                                headers={"Retry-After": "1"})
-            seq = Sequence(next(self._ids), params, emit, need)
+            seq = Sequence(next(self._ids), params, emit)
             self._waiting.append(seq)
             self._cond.notify_all()
         return seq.id
@@ -167,12 +272,23 @@ class Scheduler:
             self._cond.notify_all()
 
     def stats(self) -> dict:
-        return dict(self._stats)
+        """The loop's counters, with the queue and reservation read now: a request just
+        submitted or cancelled is not idle yet (an iteration may not have run)."""
+        with self._cond:
+            return {**self._stats, "waiting": len(self._waiting),
+                    "kv_reserved_bytes": self._reserved,
+                    "active": len(self._active)}
 
     # --- the loop (scheduler thread only) ----------------------------------------------------
-    def _can_admit_now(self, need: int) -> bool:
-        return (len(self._active) < self.decode_concurrency and not self._waiting
-                and self._reserved + need <= self.max_kv_bytes)
+    def _reservation(self, sequences) -> int:
+        """KV bytes reserved for these sequences running together."""
+        return self.decoder.kv_bytes([s.kv_tokens for s in sequences])
+
+    def _can_admit_now(self, tokens: int) -> bool:
+        active = list(self._active)  # a snapshot: the scheduler thread changes the list
+        return (len(active) < self.decode_concurrency and not self._waiting
+                and self.decoder.kv_bytes([s.kv_tokens for s in active] + [tokens])
+                <= self.max_kv_bytes)
 
     def _run(self) -> None:
         while True:
@@ -205,6 +321,7 @@ class Scheduler:
         decoding = [s for s in self._active if s.decoding]
         if decoding:
             self._stats["peak_batch"] = max(self._stats["peak_batch"], len(decoding))
+            self._stats["decode_steps"] += 1
             for s, token in zip(decoding, self.decoder.step(decoding)):
                 self._advance(s, token)
 
@@ -212,14 +329,15 @@ class Scheduler:
         while self._waiting and len(self._active) < self.decode_concurrency:
             with self._cond:
                 seq = self._waiting[0]
-                free = self.max_kv_bytes - self._reserved
-                if seq.reserved > free - self.prefix_cache.nbytes:
+                reserved = self._reservation(self._active + [seq])
+                free = self.max_kv_bytes - reserved
+                if free < self.prefix_cache.nbytes:
                     # Cached prefixes give way to live requests.
-                    self.prefix_cache.shrink(max(0, free - seq.reserved))
-                if seq.reserved > free - self.prefix_cache.nbytes:
+                    self.prefix_cache.shrink(max(0, free))
+                if free < self.prefix_cache.nbytes:
                     return  # waits until running requests finish
                 self._waiting.popleft()
-                self._reserved += seq.reserved
+                self._reserved = reserved
             self._active.append(seq)  # first, so a failure below is cleaned up by _fail
             self._start(seq)
 
@@ -295,8 +413,8 @@ class Scheduler:
     def _remove(self, s: Sequence, keep_prefix: bool = False) -> None:
         self._active.remove(s)
         with self._cond:
-            self._reserved -= s.reserved
-        caches, s.caches = s.caches, None
+            self._reserved = self._reservation(self._active)
+        caches = self.decoder.leave(s, keep_cache=keep_prefix)
         if s.prefill is not None:
             s.prefill.close()
             s.prefill = None
@@ -313,8 +431,10 @@ class Scheduler:
             "active": len(self._active),
             "waiting": len(self._waiting),
             "kv_reserved_bytes": self._reserved,
-            "kv_active_bytes": sum(sum(c.nbytes for c in s.caches) for s in self._active
-                                   if s.caches),
+            "kv_active_bytes": self.decoder.nbytes + sum(
+                sum(c.nbytes for c in s.caches) for s in self._active if s.caches),
+            "batch": len(self.decoder.rows),
+            "decode_forwards": self.decoder.forwards,
             "prefix_cache_entries": len(self.prefix_cache),
             "prefix_cache_bytes": self.prefix_cache.nbytes,
             "mlx_active_memory": mx.get_active_memory(),

@@ -47,6 +47,7 @@ from mlxq.errors import ArgumentParser, MlxqError, cli_main  # noqa: E402
 from mlxq.kernels.kv_append import reference_append_rows  # noqa: E402
 from mlxq.kernels.kv_layout import dequantize_rows  # noqa: E402
 from mlxq.kv_config import KVCacheConfig  # noqa: E402
+from mlxq.mlx_lm_bridge import LayerCache  # noqa: E402
 from mlxq.models import transformer  # noqa: E402
 from mlxq.output_files import check_output_file, write_text_file  # noqa: E402
 from mlxq.quantized_cache import QuantizedKVCache  # noqa: E402
@@ -72,32 +73,44 @@ def parse(name: str):
 # --- recording ----------------------------------------------------------------------
 def record_attention(model, tokens, chunk: int = 512) -> dict:
     """{layer: (q, k, v)} float32 arrays (heads, tokens, head_dim) of one sequence, from a
-    full-precision run in chunks; only layers that a quantized cache would hold."""
+    full-precision run in chunks; only layers that a quantized cache would hold. Queries
+    are recorded at the attention call; keys and values are what the caches hold after."""
     caches = make_cache(model, KVCacheConfig(16))
     quantizable = {i for i, c in enumerate(make_cache(model, KVCacheConfig(4)))
                    if isinstance(c, QuantizedKVCache)}
     layer_of = {id(c): i for i, c in enumerate(caches)}
-    parts: dict = {}
-    originals = transformer.attend, attention_module.attend
+    queries: dict = {}
 
-    def recording_attend(queries, keys, values, cache=None, scale=1.0, *rest):
+    def keep(cache, q):
         i = layer_of.get(id(cache))
         if i in quantizable:
-            parts.setdefault(i, []).append(
-                tuple(np.array(x[0].astype(mx.float32)) for x in (queries, keys, values)))
-        return originals[1](queries, keys, values, cache, scale, *rest)
+            queries.setdefault(i, []).append(np.array(q[0].astype(mx.float32)))
 
-    # The one attention entry point (mlxq's models import it by name; the mlx-lm bridge
-    # looks it up at call time).
+    originals = transformer.attend, attention_module.attend, LayerCache.attend
+
+    def recording_attend(q, keys, values, cache=None, scale=1.0, *rest):
+        keep(cache, q)
+        return originals[1](q, keys, values, cache, scale, *rest)
+
+    def recording_layer_attend(self, q, *rest):
+        keep(self.cache, q)
+        return originals[2](self, q, *rest)
+
+    # mlxq's models call the one attention entry point (imported by name); mlx-lm models
+    # reach mlxq's caches through the bridge's per-layer view.
     transformer.attend = attention_module.attend = recording_attend
+    LayerCache.attend = recording_layer_attend
     try:
         ids = mx.array([list(tokens)])
         for a in range(0, len(tokens), chunk):
             mx.eval(model(ids[:, a:a + chunk], cache=caches))
     finally:
-        transformer.attend, attention_module.attend = originals
-    return {i: tuple(np.concatenate([p[j] for p in ps], axis=1) for j in range(3))
-            for i, ps in sorted(parts.items())}
+        transformer.attend, attention_module.attend, LayerCache.attend = originals
+    T = len(tokens)
+    return {i: (np.concatenate(queries[i], axis=1),
+                *(np.array(x[0, :, :T].astype(mx.float32))
+                  for x in (caches[i].keys, caches[i].values)))
+            for i in sorted(queries)}
 
 
 # --- quantizers -------------------------------------------------------------------------

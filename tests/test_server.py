@@ -53,6 +53,16 @@ def make_server(model_and_tokenizer, **options):
     return create_server(model, tokenizer, MODEL_ID, **options)
 
 
+def prefilled_caches(model, ids, **kv_options):
+    """Caches holding ``ids`` (prefilled as the server does), for a decode step."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import prefill_chunks
+
+    caches = make_cache(model, **kv_options)
+    list(prefill_chunks(model, ids, caches, 512))
+    return caches
+
+
 def chat_ids(tokenizer, text):
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                               add_generation_prompt=True))
@@ -284,8 +294,7 @@ def test_a_one_token_prompt_takes_its_first_step_alone_then_joins(tiny_random):
 def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
     """A model built by the mlx-lm bridge cannot take the batch's per-sequence offsets: its
     decode steps stay one forward per sequence, with each sequence's own tokens."""
-    from mlxq.cache import make_cache
-    from mlxq.generate import next_token, prefill_chunks
+    from mlxq.generate import next_token
     from mlxq.models import build_model
     from mlxq.sampling import make_sampler
     from mlxq.server.scheduler import BatchDecoder, Sequence
@@ -299,14 +308,10 @@ def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
     assert not decoder.batched
     prompts = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13]]
 
-    def prefilled(ids):
-        caches = make_cache(model, kv_bits=4)
-        list(prefill_chunks(model, ids, caches, 512))
-        return caches
-
-    seqs = [Sequence(i, None, None, caches=prefilled(ids), last=mx.array(ids[-1:]),
-                     sampler=make_sampler()) for i, ids in enumerate(prompts)]
-    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    seqs = [Sequence(i, None, None, caches=prefilled_caches(model, ids, kv_bits=4),
+                     last=mx.array(ids[-1:]), sampler=make_sampler())
+            for i, ids in enumerate(prompts)]
+    alone = [(prefilled_caches(model, ids, kv_bits=4), mx.array(ids[-1:])) for ids in prompts]
     for step in range(3):
         tokens = [t for t, logprobs in decoder.step(seqs)]
         for s, t in zip(seqs, tokens):
@@ -626,15 +631,18 @@ def test_stop_strings_end_the_text_before_them(small_default):
             assert tokens == before_stop, (cut, tokens)
 
 
-# --- logprobs ---------------------------------------------------------------------------------------
+# --- logprobs ------------------------------------------------------------------------------------
+def log_softmax(logits) -> list[float]:
+    logits = logits.astype(mx.float32)
+    return (logits - mx.logsumexp(logits)).tolist()
+
+
 def reference_logprobs(model, ids):
     """The oracle: log_softmax of the model's logits for the token after ``ids``, from one
     plain forward of the whole prompt (no server, no sampler)."""
     from mlxq.cache import make_cache
 
-    logits = model(mx.array(ids)[None], cache=make_cache(model, kv_bits=16))[0, -1]
-    logits = logits.astype(mx.float32)
-    return (logits - mx.logsumexp(logits)).tolist()
+    return log_softmax(model(mx.array(ids)[None], cache=make_cache(model, kv_bits=16))[0, -1])
 
 
 def check_entries(entries, text, top, tokenizer):
@@ -728,8 +736,6 @@ def test_logprobs_are_the_models_log_softmax_chat_and_completions(small_default)
 def test_logprobs_of_batch_rows_are_each_sequences_own(tiny_random):
     """Rows of one batched step that asked for logprobs get their own row's (checked
     against each sequence's forward alone); a row that did not ask gets None."""
-    from mlxq.cache import make_cache
-    from mlxq.generate import prefill_chunks
     from mlxq.sampling import make_sampler
     from mlxq.server.protocol import CompletionParams
     from mlxq.server.scheduler import BatchDecoder, Sequence
@@ -739,22 +745,17 @@ def test_logprobs_of_batch_rows_are_each_sequences_own(tiny_random):
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
     wanted = [(True, 3), (False, 0), (True, 0)]
 
-    def prefilled(ids):
-        caches = make_cache(model, kv_bits=16)
-        list(prefill_chunks(model, ids, caches, 512))
-        return caches
-
     seqs = [Sequence(i, CompletionParams(True, ids, 4, logprobs=lp, top_logprobs=top), None,
-                     caches=prefilled(ids), last=mx.array(ids[-1:]), sampler=make_sampler())
+                     caches=prefilled_caches(model, ids, kv_bits=16), last=mx.array(ids[-1:]),
+                     sampler=make_sampler())
             for i, (ids, (lp, top)) in enumerate(zip(prompts, wanted))]
-    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    alone = [(prefilled_caches(model, ids, kv_bits=16), mx.array(ids[-1:])) for ids in prompts]
     for _ in range(2):
         results = decoder.step(seqs)
         assert decoder.rows == seqs  # one batch
         for s, (token, logprobs), (caches, last), (lp, top) in zip(seqs, results, alone,
                                                                     wanted):
-            logits = model(last[None], cache=caches)[0, -1].astype(mx.float32)
-            expected = (logits - mx.logsumexp(logits)).tolist()
+            expected = log_softmax(model(last[None], cache=caches)[0, -1])
             assert token == max(range(len(expected)), key=expected.__getitem__)
             if not lp:
                 assert logprobs is None

@@ -650,8 +650,10 @@ def check_entries(entries, text, top, tokenizer):
     leading space); each top list is sorted, ``top`` long, the greedy token (temperature
     0) first with the sampled token's logprob."""
     assert "".join(e.token for e in entries).lstrip() == text.lstrip()
+    spelled = b"".join(bytes(e.bytes) for e in entries).decode()
+    assert spelled.lstrip() == text.lstrip()
     for e in entries:
-        assert e.bytes == list(e.token.encode())
+        assert bytes(e.bytes).decode(errors="replace") == e.token
         values = [t.logprob for t in e.top_logprobs]
         assert len(values) == top and values == sorted(values, reverse=True)
         assert all(v <= 0 for v in values + [e.logprob])
@@ -765,6 +767,45 @@ def test_logprobs_of_batch_rows_are_each_sequences_own(tiny_random):
                 assert [i for i, _ in logprobs["top"]] == best
             s.last = mx.array([token])
         alone = [(caches, mx.array([t])) for (caches, _), (t, _) in zip(alone, results)]
+
+
+def spm_tokenizer(folder):
+    """A small SentencePiece-style tokenizer (byte fallback, ▁ for spaces), as mlxq
+    builds from a GGUF 'llama' vocabulary."""
+    from mlxq.loading import load_tokenizer
+    from mlxq.tokenizer_build import write_tokenizer_files
+
+    pieces = ["\u2581h", "é", "llo", "\u2581", "code", "x", "n"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    folder.mkdir()
+    ids = write_tokenizer_files({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2}, folder)
+    return load_tokenizer(folder, {"model_type": "llama", **ids})
+
+
+def test_token_bytes_spell_characters_split_across_tokens(small_default, tiny_random,
+                                                          tmp_path):
+    """Byte-level BPE and SentencePiece byte fallback split characters: such a token's
+    text is U+FFFD but its bytes are exact, so the bytes of a text's tokens join to the
+    text's UTF-8."""
+    from mlxq.server.token_bytes import TokenBytes
+
+    text = "héllo — ünïcode 日本\n\n  x"
+    kinds = []
+    for tokenizer in (small_default[1], tiny_random[1], spm_tokenizer(tmp_path / "spm")):
+        token_bytes = TokenBytes(tokenizer)
+        kinds.append(token_bytes.kind)
+        pieces = [token_bytes(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+        space = b" " if token_bytes.kind == "spm" else b""  # SentencePiece's prefix space
+        assert b"".join(data for _, data in pieces) == space + text.encode()
+        assert all(t == data.decode(errors="replace") for t, data in pieces)
+        if tokenizer is not tiny_random[1]:
+            assert any(t == "\ufffd" for t, _ in pieces)
+    assert kinds == ["bpe", "bpe", "spm"]
 
 
 # --- soak ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Modules: ``protocol`` (request validation, response objects), ``app`` (Starlette routes,
 server-sent events), ``scheduler`` (continuous batching, memory admission, the
-``BatchDecoder`` step), ``prefix_cache`` (reuse of earlier conversations' KV caches).
+``BatchDecoder`` step), ``prefix_cache`` (reuse of earlier conversations' KV caches),
+``token_bytes`` (a token's exact bytes, for logprobs).
 """
 
 from .app import Server

@@ -303,25 +303,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def _token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
 def logprobs_object(p: CompletionParams, entries: list[dict]) -> dict | None:
-    """The choice's ``logprobs`` for these tokens (scheduler entries: ``token``,
-    ``logprob``, ``offset`` in the completion text, ``top``: [(text, logprob)] best
-    first); ``None`` when the request did not ask."""
+    """The choice's ``logprobs`` for these tokens (scheduler entries: ``token`` (text),
+    ``bytes``, ``logprob``, ``offset`` in the completion text, ``top``: [(text, bytes,
+    logprob)] best first); ``None`` when the request did not ask."""
     if not p.logprobs:
         return None
     if p.chat:
         return {"content": [
-            {"token": e["token"], "logprob": e["logprob"], "bytes": _token_bytes(e["token"]),
-             "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)}
-                              for t, lp in e["top"]]}
+            {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(data)}
+                              for t, data, lp in e["top"]]}
             for e in entries]}
     top = None
     if p.top_logprobs:  # a dict per token; two alternatives with one text keep the likelier
-        top = [{t: lp for t, lp in reversed(e["top"])} for e in entries]
+        top = [{t: lp for t, _, lp in reversed(e["top"])} for e in entries]
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": top, "text_offset": [e["offset"] for e in entries]}

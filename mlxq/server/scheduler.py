@@ -49,6 +49,7 @@ from ..prompt_cache import PromptCache
 from ..quantized_cache import quantized_nbytes
 from ..sampling import make_sampler
 from .protocol import ApiError, CompletionParams, usage
+from .token_bytes import TokenBytes
 
 
 def kv_bytes_needed(model, kv_options: dict, tokens: int) -> int:
@@ -266,7 +267,7 @@ class Scheduler:
         self.prefill_step_size = prefill_step_size
         self.decoder = BatchDecoder(model, kv_options)
         self.eos = set(tokenizer.eos_token_ids)
-        self._texts: dict[int, str] = {}  # token id -> text, for top_logprobs
+        self.token_bytes = TokenBytes(tokenizer)  # a token's text and bytes, for logprobs
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -455,21 +456,14 @@ class Scheduler:
         out = []
         while s.pending and s.pending[0].end <= s.emitted:
             p = s.pending.pop(0)
-            token = self._token_text(p.token)
-            out.append({"token": token, "logprob": p.logprob, "offset": s.token_chars,
-                        "top": [(self._token_text(i), lp) for i, lp in p.top]})
-            s.token_chars += len(token)
+            text, data = self.token_bytes(p.token)
+            out.append({"token": text, "bytes": list(data), "logprob": p.logprob,
+                        "offset": s.token_chars,
+                        "top": [(*self.token_bytes(i), lp) for i, lp in p.top]})
+            s.token_chars += len(text)
         if final:
             s.pending.clear()
         return out
-
-    def _token_text(self, token: int) -> str:
-        """A token's text: the tokenizer's decoding of it alone (a token holding part of
-        a UTF-8 character decodes to U+FFFD)."""
-        text = self._texts.get(token)
-        if text is None:
-            text = self._texts[token] = self.tokenizer.decode([token])
-        return text
 
     def _finish(self, s: Sequence, reason: str, flush: bool = True) -> None:
         if flush:

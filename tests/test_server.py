@@ -718,7 +718,9 @@ def test_logprobs_are_the_models_log_softmax_chat_and_completions(small_default)
         lp = done.choices[0].logprobs
         text = done.choices[0].text
         assert "".join(lp.tokens).lstrip() == text.lstrip()
-        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        trim = len("".join(lp.tokens)) - len(text)  # a leading space the detokenizer drops
+        assert lp.text_offset == [max(0, sum(map(len, lp.tokens[:i])) - trim)
+                                  for i in range(len(lp.tokens))]
         assert lp.token_logprobs[0] == pytest.approx(max(prompt_expected), abs=1e-3)
         for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             assert len(top) <= 2 and max(top.values()) == pytest.approx(value, abs=1e-6)
@@ -785,6 +787,46 @@ def spm_tokenizer(folder):
         "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 2}, folder)
     return load_tokenizer(folder, {"model_type": "llama", **ids})
+
+
+def test_logprob_stream_follows_the_lagging_detokenizer(small_default):
+    """The default model's BPE detokenizer shows a token's text only once the next word
+    starts, and drops the first space: entries go out once their text is sent, with the
+    text's offsets; a stop string drops the tokens reaching past it."""
+    from mlxq.server.logprob_stream import LogprobStream
+    from mlxq.server.token_bytes import TokenBytes
+
+    _, tokenizer = small_default
+    ids = tokenizer.encode(" héllo — 日本 is here", add_special_tokens=False)
+    token_bytes = TokenBytes(tokenizer)
+    for stop_at in (None, "日本"):
+        stream, detokenizer, released, text = LogprobStream(token_bytes), \
+            tokenizer.detokenizer, [], ""
+        for n, token in enumerate(ids):
+            stream.add(token, logprob=-float(n), top=[])
+            detokenizer.add_token(token)
+            text = detokenizer.text
+            if stop_at and stop_at in text:
+                released += stream.release(text, text.index(stop_at), stopped=True)
+                text = text[:text.index(stop_at)]
+                break
+            held = max((k for k in range(1, len(stop_at or "")) if text.endswith(stop_at[:k])),
+                       default=0)  # what the scheduler holds back: a stop string's start
+            released += stream.release(text, len(text) - held)
+            # Never ahead of the text: every released token's bytes are in it.
+            assert len(b"".join(bytes(e["bytes"]) for e in released).decode(
+                errors="ignore").lstrip()) <= len(text)
+        else:
+            detokenizer.finalize()
+            text = detokenizer.text
+            released += stream.release(text, len(text), final=True)
+        assert [e["logprob"] for e in released] == [-float(n) for n in range(len(released))]
+        spelled = b"".join(bytes(e["bytes"]) for e in released).decode().lstrip()
+        assert spelled == (text.rstrip() if stop_at else text), (spelled, text, released)
+        for e in released:
+            if "\ufffd" not in e["token"]:  # the first token's space is dropped
+                token = e["token"] if e["offset"] else e["token"].lstrip()
+                assert text[e["offset"]:].startswith(token), (e, text)
 
 
 def test_token_bytes_spell_characters_split_across_tokens(small_default, tiny_random,

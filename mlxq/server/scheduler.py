@@ -13,8 +13,8 @@ HTTP 503 with Retry-After. Each iteration of the loop then
 
 ``BatchDecoder.step(sequences) -> [(token, logprobs)]`` is the one boundary of a decode
 step (``logprobs`` only for requests that asked: the log-softmax is computed for their
-rows alone). On
-mlxq's own models it keeps a running batch: per layer one batched cache from
+rows alone; ``LogprobStream`` sends them with the text). On mlxq's own models it keeps a
+running batch: per layer one batched cache from
 ``mlxq.batch_cache`` (``BatchQuantizedKVCache`` for int4/int8, ``BatchKVCache`` for
 ``--kv-bits 16``), which a sequence joins (``extend``) once its own prefill is done and
 leaves (``filter``, after ``extract`` of its caches for the prefix cache) when it
@@ -49,6 +49,7 @@ from ..prompt_cache import PromptCache
 from ..quantized_cache import quantized_nbytes
 from ..sampling import make_sampler
 from .protocol import ApiError, CompletionParams, usage
+from .logprob_stream import LogprobStream
 from .token_bytes import TokenBytes
 
 
@@ -103,17 +104,6 @@ def _to_python(arrays) -> dict:
     return {"logprob": chosen.item(), "top": top}
 
 
-@dataclass
-class PendingLogprob:
-    """A generated token's log-probabilities, held until its text has been sent: the
-    detokenizer's text up to ``end`` (its length once the token was added)."""
-
-    token: int
-    end: int
-    logprob: float
-    top: list  # [(id, logprob)], most likely first
-
-
 @dataclass(eq=False)  # compared by identity: the decoder keeps them in its batch
 class Sequence:
     """One request inside the scheduler."""
@@ -131,8 +121,7 @@ class Sequence:
     sampled: list = field(default_factory=list)  # every sampled id, EOS included
     completion_tokens: int = 0
     emitted: int = 0  # characters of the detokenized text already sent
-    pending: list = field(default_factory=list)  # PendingLogprob not sent yet
-    token_chars: int = 0  # characters of the token texts whose logprobs were sent
+    logprob_stream: object = None  # LogprobStream, when the request asked for logprobs
     cancelled: bool = False
 
     @property
@@ -399,6 +388,8 @@ class Scheduler:
         s.prefilled = s.cached_tokens
         s.sampler = make_sampler(p.temperature, p.top_p, p.seed)
         s.detokenizer = self.tokenizer.detokenizer
+        if p.logprobs:
+            s.logprob_stream = LogprobStream(self.token_bytes)
         s.last = mx.array(p.prompt_ids[-1:])
         if len(p.prompt_ids) - 1 > s.prefilled:
             s.prefill = prefill_chunks(self.model, p.prompt_ids, s.caches,
@@ -419,7 +410,7 @@ class Scheduler:
         s.last = mx.array([token])
         s.detokenizer.add_token(token)
         if logprobs is not None:
-            s.pending.append(PendingLogprob(token, len(s.detokenizer.text), **logprobs))
+            s.logprob_stream.add(token, **logprobs)
         if self._send_text(s, s.detokenizer.text, final=False):
             self._finish(s, "stop", flush=False)
         elif s.completion_tokens >= s.params.max_tokens:
@@ -442,34 +433,19 @@ class Scheduler:
                             if text.endswith(stop[:k])), default=0)
         new = text[s.emitted:end] if end > s.emitted else ""
         s.emitted += len(new)
-        entries = self._sent_logprobs(s, final or hit)
+        entries = []
+        if s.logprob_stream is not None:
+            entries = s.logprob_stream.release(text, s.emitted, final=final, stopped=hit)
         if new or entries:
             event = {"type": "text", "text": new}
-            if s.params.logprobs:
+            if s.logprob_stream is not None:
                 event["logprobs"] = entries
             s.emit(event)
         return hit
 
-    def _sent_logprobs(self, s: Sequence, final: bool) -> list[dict]:
-        """Entries for the pending tokens whose text is now all sent; when ``final``, the
-        others are dropped (their text was cut by a stop string)."""
-        out = []
-        while s.pending and s.pending[0].end <= s.emitted:
-            p = s.pending.pop(0)
-            text, data = self.token_bytes(p.token)
-            out.append({"token": text, "bytes": list(data), "logprob": p.logprob,
-                        "offset": s.token_chars,
-                        "top": [(*self.token_bytes(i), lp) for i, lp in p.top]})
-            s.token_chars += len(text)
-        if final:
-            s.pending.clear()
-        return out
-
     def _finish(self, s: Sequence, reason: str, flush: bool = True) -> None:
         if flush:
             s.detokenizer.finalize()
-            if s.pending:  # text the detokenizer held back belongs to the last token
-                s.pending[-1].end = len(s.detokenizer.text)
             if self._send_text(s, s.detokenizer.text, final=True):
                 reason = "stop"
         s.emit({"type": "done", "finish_reason": reason,

@@ -175,7 +175,7 @@ def measure_decode_step(model, kv: dict, batch: int, steps: int, rounds: int = 3
                     for i, (ids, caches) in enumerate(zip(prompts, prefilled))]
             for n in range(steps + 1):  # the first step (joining, graph setup) untimed
                 start = time.perf_counter()
-                for s, token in zip(seqs, decoder.step(seqs)):
+                for s, (token, _) in zip(seqs, decoder.step(seqs)):
                     s.last = mx.array([token])
                 if n:
                     times[mode].append(time.perf_counter() - start)

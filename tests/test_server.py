@@ -53,6 +53,16 @@ def make_server(model_and_tokenizer, **options):
     return create_server(model, tokenizer, MODEL_ID, **options)
 
 
+def prefilled_caches(model, ids, **kv_options):
+    """Caches holding ``ids`` (prefilled as the server does), for a decode step."""
+    from mlxq.cache import make_cache
+    from mlxq.generate import prefill_chunks
+
+    caches = make_cache(model, **kv_options)
+    list(prefill_chunks(model, ids, caches, 512))
+    return caches
+
+
 def chat_ids(tokenizer, text):
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                               add_generation_prompt=True))
@@ -284,8 +294,7 @@ def test_a_one_token_prompt_takes_its_first_step_alone_then_joins(tiny_random):
 def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
     """A model built by the mlx-lm bridge cannot take the batch's per-sequence offsets: its
     decode steps stay one forward per sequence, with each sequence's own tokens."""
-    from mlxq.cache import make_cache
-    from mlxq.generate import next_token, prefill_chunks
+    from mlxq.generate import next_token
     from mlxq.models import build_model
     from mlxq.sampling import make_sampler
     from mlxq.server.scheduler import BatchDecoder, Sequence
@@ -299,16 +308,12 @@ def test_mlx_lm_bridge_models_decode_one_forward_per_sequence():
     assert not decoder.batched
     prompts = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13]]
 
-    def prefilled(ids):
-        caches = make_cache(model, kv_bits=4)
-        list(prefill_chunks(model, ids, caches, 512))
-        return caches
-
-    seqs = [Sequence(i, None, None, caches=prefilled(ids), last=mx.array(ids[-1:]),
-                     sampler=make_sampler()) for i, ids in enumerate(prompts)]
-    alone = [(prefilled(ids), mx.array(ids[-1:])) for ids in prompts]
+    seqs = [Sequence(i, None, None, caches=prefilled_caches(model, ids, kv_bits=4),
+                     last=mx.array(ids[-1:]), sampler=make_sampler())
+            for i, ids in enumerate(prompts)]
+    alone = [(prefilled_caches(model, ids, kv_bits=4), mx.array(ids[-1:])) for ids in prompts]
     for step in range(3):
-        tokens = decoder.step(seqs)
+        tokens = [t for t, logprobs in decoder.step(seqs)]
         for s, t in zip(seqs, tokens):
             s.last = mx.array([t])
         for i, (caches, last) in enumerate(alone):
@@ -392,6 +397,21 @@ BAD_REQUESTS = [
     ("completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
     ("completions", {"prompt": [1, "a"]}, 400, "prompt"),
     ("completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+              "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+              "top_logprobs": -1}, 400, "top_logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, 400,
+     "logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": False,
+              "top_logprobs": 0}, 400, "top_logprobs"),
+    ("completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("completions", {"prompt": "hi", "logprobs": "yes"}, 400, "logprobs"),
+    ("completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("completions", {"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
 ]
 
 
@@ -530,7 +550,7 @@ def test_running_requests_reserve_the_padded_batch(tiny_random, kv_bits):
         seqs.append(Sequence(i, None, None, caches=caches, last=mx.array(ids[-1:]),
                              sampler=make_sampler()))
     for _ in range(3):
-        for s, token in zip(seqs, decoder.step(seqs)):
+        for s, (token, _) in zip(seqs, decoder.step(seqs)):
             s.last = mx.array([token])
     tokens = [700 + 10, 5 + 10]  # prompt + max_tokens of each
     alone = sum(kv_bytes_needed(model, {"kv_bits": kv_bits}, t) for t in tokens)
@@ -577,23 +597,257 @@ def test_stop_strings_end_the_text_before_them(small_default):
     body = {"messages": [{"role": "user", "content": "Tell me about the number 3."}],
             "max_tokens": 12}
     with running(make_server(small_default)) as url, httpx.Client(timeout=30) as client:
-        full = client.post(f"{url}/v1/chat/completions", json=body).json()
+        full = client.post(f"{url}/v1/chat/completions",
+                           json={**body, "logprobs": True}).json()
         text = full["choices"][0]["message"]["content"]
         assert len(text) > 6
         stop = text[3:6]
         cut = text[:text.index(stop)]
+        before_stop, spelled = [], ""
+        for t in full["choices"][0]["logprobs"]["content"]:
+            spelled += t["token"]
+            if len(spelled.lstrip()) > len(cut.lstrip()):
+                break
+            before_stop.append(t["token"])
         for stream in (False, True):
             r = client.post(f"{url}/v1/chat/completions",
-                            json={**body, "stop": [stop, "never appears"], "stream": stream})
+                            json={**body, "stop": [stop, "never appears"], "stream": stream,
+                                  "logprobs": True})
             if stream:
                 events = [json.loads(line[6:]) for line in r.text.splitlines()
                           if line.startswith("data: {")]
                 got = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
                 finish = events[-1]["choices"][0]["finish_reason"]
+                tokens = [t["token"] for e in events if e["choices"][0]["logprobs"]
+                          for t in e["choices"][0]["logprobs"]["content"]]
             else:
                 got = r.json()["choices"][0]["message"]["content"]
                 finish = r.json()["choices"][0]["finish_reason"]
+                tokens = [t["token"] for t in
+                          r.json()["choices"][0]["logprobs"]["content"]]
             assert (got, finish) == (cut, "stop")
+            # The logprobs of the tokens whose whole text was sent: the full answer's, up
+            # to the first one reaching into the stop string.
+            assert tokens == before_stop, (cut, tokens)
+
+
+# --- logprobs ------------------------------------------------------------------------------------
+def log_softmax(logits) -> list[float]:
+    logits = logits.astype(mx.float32)
+    return (logits - mx.logsumexp(logits)).tolist()
+
+
+def reference_logprobs(model, ids):
+    """The oracle: log_softmax of the model's logits for the token after ``ids``, from one
+    plain forward of the whole prompt (no server, no sampler)."""
+    from mlxq.cache import make_cache
+
+    return log_softmax(model(mx.array(ids)[None], cache=make_cache(model, kv_bits=16))[0, -1])
+
+
+def check_entries(entries, text, top, tokenizer):
+    """Chat logprobs entries: they spell the text (the detokenizer drops the first token's
+    leading space); each top list is sorted, ``top`` long, the greedy token (temperature
+    0) first with the sampled token's logprob."""
+    assert "".join(e.token for e in entries).lstrip() == text.lstrip()
+    spelled = b"".join(bytes(e.bytes) for e in entries).decode()
+    assert spelled.lstrip() == text.lstrip()
+    for e in entries:
+        assert bytes(e.bytes).decode(errors="replace") == e.token
+        values = [t.logprob for t in e.top_logprobs]
+        assert len(values) == top and values == sorted(values, reverse=True)
+        assert all(v <= 0 for v in values + [e.logprob])
+        if top:
+            assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
+            assert e.top_logprobs[0].token == e.token
+
+
+def test_logprobs_are_the_models_log_softmax_chat_and_completions(small_default):
+    """Each endpoint, streamed and not: the first token's logprob and alternatives equal
+    log_softmax of the model's logits for the prompt (a plain forward, the oracle),
+    before temperature; a request that does not ask gets ``logprobs: null``."""
+    openai = pytest.importorskip("openai")
+    model, tokenizer = small_default
+    question = "What is the capital of France?"
+    ids = chat_ids(tokenizer, question)
+    expected = reference_logprobs(model, ids)
+    best = sorted(range(len(expected)), key=lambda i: -expected[i])[:3]
+    messages = [{"role": "user", "content": question}]
+    prompt = "The capital of France is"
+    prompt_expected = reference_logprobs(
+        model, encode_prompt(tokenizer, prompt, chat_template=False))
+    with running(make_server(small_default, kv_options={"kv_bits": 16})) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ask = dict(model=MODEL_ID, messages=messages, max_tokens=5, temperature=0)
+        plain = client.chat.completions.create(logprobs=True, top_logprobs=3, **ask)
+        choice = plain.choices[0]
+        entries = choice.logprobs.content
+        check_entries(entries, choice.message.content, 3, tokenizer)
+        assert len(entries) == plain.usage.completion_tokens
+        assert entries[0].logprob == pytest.approx(expected[best[0]], abs=1e-3)
+        assert [t.logprob for t in entries[0].top_logprobs] == pytest.approx(
+            [expected[i] for i in best], abs=1e-3)
+        assert [t.token for t in entries[0].top_logprobs] == [tokenizer.decode([i])
+                                                               for i in best]
+
+        streamed = [c.choices[0] for c in client.chat.completions.create(
+            stream=True, logprobs=True, top_logprobs=3, **ask) if c.choices]
+        pieces = [e for c in streamed if c.logprobs for e in c.logprobs.content]
+        assert [(e.token, e.top_logprobs) for e in pieces] == \
+            [(e.token, e.top_logprobs) for e in entries]
+        assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in entries],
+                                                            abs=1e-5)
+
+        # Sampled at temperature 2: still the model's own distribution, not the scaled one.
+        hot = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=1, temperature=2, seed=3,
+            logprobs=True, top_logprobs=0).choices[0].logprobs.content[0]
+        token_ids = tokenizer.encode(hot.token, add_special_tokens=False)
+        assert hot.top_logprobs == []
+        if len(token_ids) == 1:
+            assert hot.logprob == pytest.approx(expected[token_ids[0]], abs=1e-3)
+
+        none = client.chat.completions.create(**ask)
+        assert none.choices[0].logprobs is None
+        assert none.choices[0].message.content == choice.message.content
+        assert all(c.choices[0].logprobs is None for c in client.chat.completions.create(
+            stream=True, **ask) if c.choices)
+
+        done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5,
+                                         logprobs=2)
+        lp = done.choices[0].logprobs
+        text = done.choices[0].text
+        assert "".join(lp.tokens).lstrip() == text.lstrip()
+        trim = len("".join(lp.tokens)) - len(text)  # a leading space the detokenizer drops
+        assert lp.text_offset == [max(0, sum(map(len, lp.tokens[:i])) - trim)
+                                  for i in range(len(lp.tokens))]
+        assert lp.token_logprobs[0] == pytest.approx(max(prompt_expected), abs=1e-3)
+        for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert len(top) <= 2 and max(top.values()) == pytest.approx(value, abs=1e-6)
+            assert top[token] == pytest.approx(value, abs=1e-6)
+        chunks = [c.choices[0] for c in client.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=5, logprobs=2, stream=True)]
+        assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+        assert [t for c in chunks if c.logprobs for t in c.logprobs.text_offset] == \
+            lp.text_offset
+        assert client.completions.create(model=MODEL_ID, prompt=prompt,
+                                         max_tokens=2).choices[0].logprobs is None
+        zero = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2,
+                                         logprobs=0).choices[0].logprobs
+        assert zero.top_logprobs is None and len(zero.token_logprobs) == 2
+
+
+def test_logprobs_of_batch_rows_are_each_sequences_own(tiny_random):
+    """Rows of one batched step that asked for logprobs get their own row's (checked
+    against each sequence's forward alone); a row that did not ask gets None."""
+    from mlxq.sampling import make_sampler
+    from mlxq.server.protocol import CompletionParams
+    from mlxq.server.scheduler import BatchDecoder, Sequence
+
+    model, _ = tiny_random
+    decoder = BatchDecoder(model, {"kv_bits": 16})
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
+    wanted = [(True, 3), (False, 0), (True, 0)]
+
+    seqs = [Sequence(i, CompletionParams(True, ids, 4, logprobs=lp, top_logprobs=top), None,
+                     caches=prefilled_caches(model, ids, kv_bits=16), last=mx.array(ids[-1:]),
+                     sampler=make_sampler())
+            for i, (ids, (lp, top)) in enumerate(zip(prompts, wanted))]
+    alone = [(prefilled_caches(model, ids, kv_bits=16), mx.array(ids[-1:])) for ids in prompts]
+    for _ in range(2):
+        results = decoder.step(seqs)
+        assert decoder.rows == seqs  # one batch
+        for s, (token, logprobs), (caches, last), (lp, top) in zip(seqs, results, alone,
+                                                                    wanted):
+            expected = log_softmax(model(last[None], cache=caches)[0, -1])
+            assert token == max(range(len(expected)), key=expected.__getitem__)
+            if not lp:
+                assert logprobs is None
+            else:
+                assert logprobs["logprob"] == pytest.approx(expected[token], abs=1e-4)
+                best = sorted(range(len(expected)), key=lambda i: -expected[i])[:top]
+                assert [i for i, _ in logprobs["top"]] == best
+            s.last = mx.array([token])
+        alone = [(caches, mx.array([t])) for (caches, _), (t, _) in zip(alone, results)]
+
+
+def spm_tokenizer(folder):
+    """A small SentencePiece-style tokenizer (byte fallback, ▁ for spaces), as mlxq
+    builds from a GGUF 'llama' vocabulary."""
+    from mlxq.loading import load_tokenizer
+    from mlxq.tokenizer_build import write_tokenizer_files
+
+    pieces = ["\u2581h", "é", "llo", "\u2581", "code", "x", "n"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    folder.mkdir()
+    ids = write_tokenizer_files({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2}, folder)
+    return load_tokenizer(folder, {"model_type": "llama", **ids})
+
+
+def test_logprob_stream_follows_the_lagging_detokenizer(small_default):
+    """The default model's BPE detokenizer shows a token's text only once the next word
+    starts, and drops the first space: entries go out once their text is sent, with the
+    text's offsets; a stop string drops the tokens reaching past it."""
+    from mlxq.server.logprob_stream import LogprobStream
+    from mlxq.server.token_bytes import TokenBytes
+
+    _, tokenizer = small_default
+    ids = tokenizer.encode(" héllo — 日本 is here", add_special_tokens=False)
+    token_bytes = TokenBytes(tokenizer)
+    for stop_at in (None, "日本"):
+        stream, detokenizer, released, text = LogprobStream(token_bytes), \
+            tokenizer.detokenizer, [], ""
+        for n, token in enumerate(ids):
+            stream.add(token, logprob=-float(n), top=[])
+            detokenizer.add_token(token)
+            text = detokenizer.text
+            if stop_at and stop_at in text:
+                released += stream.release(text, text.index(stop_at), stopped=True)
+                text = text[:text.index(stop_at)]
+                break
+            held = max((k for k in range(1, len(stop_at or "")) if text.endswith(stop_at[:k])),
+                       default=0)  # what the scheduler holds back: a stop string's start
+            released += stream.release(text, len(text) - held)
+            # Never ahead of the text: every released token's bytes are in it.
+            assert len(b"".join(bytes(e["bytes"]) for e in released).decode(
+                errors="ignore").lstrip()) <= len(text)
+        else:
+            detokenizer.finalize()
+            text = detokenizer.text
+            released += stream.release(text, len(text), final=True)
+        assert [e["logprob"] for e in released] == [-float(n) for n in range(len(released))]
+        spelled = b"".join(bytes(e["bytes"]) for e in released).decode().lstrip()
+        assert spelled == (text.rstrip() if stop_at else text), (spelled, text, released)
+        for e in released:
+            if "\ufffd" not in e["token"]:  # the first token's space is dropped
+                token = e["token"] if e["offset"] else e["token"].lstrip()
+                assert text[e["offset"]:].startswith(token), (e, text)
+
+
+def test_token_bytes_spell_characters_split_across_tokens(small_default, tiny_random,
+                                                          tmp_path):
+    """Byte-level BPE and SentencePiece byte fallback split characters: such a token's
+    text is U+FFFD but its bytes are exact, so the bytes of a text's tokens join to the
+    text's UTF-8."""
+    from mlxq.server.token_bytes import TokenBytes
+
+    text = "héllo — ünïcode 日本\n\n  x"
+    kinds = []
+    for tokenizer in (small_default[1], tiny_random[1], spm_tokenizer(tmp_path / "spm")):
+        token_bytes = TokenBytes(tokenizer)
+        kinds.append(token_bytes.kind)
+        pieces = [token_bytes(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+        space = b" " if token_bytes.kind == "spm" else b""  # SentencePiece's prefix space
+        assert b"".join(data for _, data in pieces) == space + text.encode()
+        assert all(t == data.decode(errors="replace") for t, data in pieces)
+        if tokenizer is not tiny_random[1]:
+            assert any(t == "\ufffd" for t, _ in pieces)
+    assert kinds == ["bpe", "bpe", "spm"]
 
 
 # --- soak ---------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Modules: ``protocol`` (request validation, response objects), ``app`` (Starlette routes,
 server-sent events), ``scheduler`` (continuous batching, memory admission, the
-``BatchDecoder`` step), ``prefix_cache`` (reuse of earlier conversations' KV caches).
+``BatchDecoder`` step), ``prefix_cache`` (reuse of earlier conversations' KV caches),
+``token_bytes`` (a token's exact bytes) and ``logprob_stream`` (a request's token
+logprobs, sent with the text that holds their tokens).
 """
 
 from .app import Server

@@ -126,7 +126,7 @@ class Server:
         return await self._whole(request, params, rid, seq_id, events)
 
     async def _whole(self, request, params, rid, seq_id, events):
-        parts = []
+        parts, entries = [], []
         try:
             while True:
                 try:
@@ -137,12 +137,13 @@ class Server:
                     continue
                 if event["type"] == "text":
                     parts.append(event["text"])
+                    entries += event.get("logprobs", ())
                 elif event["type"] == "error":
                     return error_response(ApiError(500, event["message"]))
                 else:
                     return JSONResponse(protocol.completion_object(
                         params, rid, self.served.id, "".join(parts), event["finish_reason"],
-                        event["usage"]))
+                        event["usage"], entries))
         finally:
             self.scheduler.cancel(seq_id)  # no-op once finished
 
@@ -157,7 +158,8 @@ class Server:
                 event = await events.get()
                 if event["type"] == "text":
                     yield _sse(protocol.chunk_object(params, rid, model, event["text"], None,
-                                                     first=first))
+                                                     first=first,
+                                                     entries=event.get("logprobs")))
                     first = False
                 elif event["type"] == "error":
                     yield _sse(ApiError(500, event["message"]).body())

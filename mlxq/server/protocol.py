@@ -6,6 +6,7 @@ values are only ever data: no field names a file, a model path or anything else 
 server would open (``model`` must equal the served model's id).
 """
 
+import json
 import math
 import time
 import uuid
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 1000
+MAX_TOP_LOGPROBS_CHAT = 20  # OpenAI's limits
+MAX_LOGPROBS_LEGACY = 5
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -62,6 +65,9 @@ class CompletionParams:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    # Log-probabilities of the sampled tokens, with this many most likely alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 # --- field checks -----------------------------------------------------------------------------
@@ -149,8 +155,6 @@ def _sampling(body, served, chat: bool, prompt_ids) -> CompletionParams:
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise bad("only 'n': 1 is supported", "n")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise bad("'logprobs' is not supported by this server", "logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         v = body.get(name)
         if v is not None and not _is_number(v):
@@ -180,7 +184,34 @@ def _sampling(body, served, chat: bool, prompt_ids) -> CompletionParams:
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=seed, stop=_stop(body), stream=stream, include_usage=include_usage,
+        **_logprobs(body, chat),
     )
+
+
+def _logprobs(body, chat: bool) -> dict:
+    """Chat: ``logprobs`` a boolean, ``top_logprobs`` 0..20 (only with logprobs true).
+    Completions (legacy): ``logprobs`` an integer 0..5, the number of alternatives."""
+    top = body.get("top_logprobs")
+    if not chat:
+        if top is not None:
+            raise bad("'top_logprobs' is a chat field; /v1/completions takes 'logprobs': an "
+                      f"integer from 0 to {MAX_LOGPROBS_LEGACY}", "top_logprobs")
+        n = body.get("logprobs")
+        if n is None:
+            return {}
+        if not _is_int(n) or not 0 <= n <= MAX_LOGPROBS_LEGACY:
+            raise bad(f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS_LEGACY}, got "
+                      f"{json.dumps(n)[:50]}", "logprobs")
+        return {"logprobs": True, "top_logprobs": n}
+    want = _bool(body, "logprobs")
+    if top is None:
+        return {"logprobs": want}
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS_CHAT:
+        raise bad(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS_CHAT}, got "
+                  f"{json.dumps(top)[:50]}", "top_logprobs")
+    if not want:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return {"logprobs": True, "top_logprobs": top}
 
 
 def _require_object(body) -> dict:
@@ -272,14 +303,36 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def logprobs_object(p: CompletionParams, entries: list[dict]) -> dict | None:
+    """The choice's ``logprobs`` for these tokens (scheduler entries: ``token`` (text),
+    ``bytes``, ``logprob``, ``offset`` in the completion text, ``top``: [(text, bytes,
+    logprob)] best first); ``None`` when the request did not ask."""
+    if not p.logprobs:
+        return None
+    if p.chat:
+        return {"content": [
+            {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(data)}
+                              for t, data, lp in e["top"]]}
+            for e in entries]}
+    top = None
+    if p.top_logprobs:  # a dict per token; two alternatives with one text keep the likelier
+        top = [{t: lp for t, _, lp in reversed(e["top"])} for e in entries]
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": top, "text_offset": [e["offset"] for e in entries]}
+
+
 def completion_object(p: CompletionParams, rid: str, model: str, text: str,
-                      finish_reason: str, usage_: dict) -> dict:
+                      finish_reason: str, usage_: dict, entries: list[dict] = ()) -> dict:
+    logprobs = logprobs_object(p, list(entries))
     if p.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason}
+                  "logprobs": logprobs, "finish_reason": finish_reason}
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model,
             "choices": [choice], "usage": usage_}
@@ -287,18 +340,20 @@ def completion_object(p: CompletionParams, rid: str, model: str, text: str,
 
 def chunk_object(p: CompletionParams, rid: str, model: str, text: str | None,
                  finish_reason: str | None, usage_: dict | None = None,
-                 first: bool = False) -> dict:
-    """One streamed chunk; ``text=None`` with ``usage_`` is the final usage-only chunk."""
+                 first: bool = False, entries: list[dict] | None = None) -> dict:
+    """One streamed chunk; ``text=None`` with ``usage_`` is the final usage-only chunk;
+    ``entries``: the logprobs of the tokens whose text this chunk carries."""
+    logprobs = logprobs_object(p, entries) if entries else None
     if text is None and usage_ is not None:
         choices = []
     elif p.chat:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         if finish_reason is not None and not text:
             delta = {}
-        choices = [{"index": 0, "delta": delta, "logprobs": None,
+        choices = [{"index": 0, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish_reason}]
     else:
-        choices = [{"index": 0, "text": text, "logprobs": None,
+        choices = [{"index": 0, "text": text, "logprobs": logprobs,
                     "finish_reason": finish_reason}]
     obj = {"id": rid, "object": "chat.completion.chunk" if p.chat else "text_completion",
            "created": int(time.time()), "model": model, "choices": choices}

@@ -11,8 +11,10 @@ HTTP 503 with Retry-After. Each iteration of the loop then
    prompt costs the running streams one chunk's delay per token, not the whole prompt,
 4. runs ``BatchDecoder.step`` over every request that is generating: one new token each.
 
-``BatchDecoder.step(sequences) -> tokens`` is the one boundary of a decode step. On
-mlxq's own models it keeps a running batch: per layer one batched cache from
+``BatchDecoder.step(sequences) -> [(token, logprobs)]`` is the one boundary of a decode
+step (``logprobs`` only for requests that asked: the log-softmax is computed for their
+rows alone; ``LogprobStream`` sends them with the text). On mlxq's own models it keeps a
+running batch: per layer one batched cache from
 ``mlxq.batch_cache`` (``BatchQuantizedKVCache`` for int4/int8, ``BatchKVCache`` for
 ``--kv-bits 16``), which a sequence joins (``extend``) once its own prefill is done and
 leaves (``filter``, after ``extract`` of its caches for the prefix cache) when it
@@ -42,11 +44,13 @@ import mlx.core as mx
 from ..backend import compute_dtype
 from ..batch_cache import BatchKVCache, BatchQuantizedKVCache, batch_nbytes, full_precision_nbytes
 from ..cache import config_from_options, make_cache
-from ..generate import next_token, prefill_chunks
+from ..generate import prefill_chunks
 from ..prompt_cache import PromptCache
 from ..quantized_cache import quantized_nbytes
 from ..sampling import make_sampler
 from .protocol import ApiError, CompletionParams, usage
+from .logprob_stream import LogprobStream
+from .token_bytes import TokenBytes
 
 
 def kv_bytes_needed(model, kv_options: dict, tokens: int) -> int:
@@ -79,6 +83,27 @@ def decodes_as_one_batch(model) -> bool:
     return isinstance(model, Model)
 
 
+def token_logprobs(logits, token, top: int) -> tuple:
+    """Lazy: the log-probability of ``token`` under the model's own distribution (the
+    log-softmax of ``logits`` (1, vocab), before temperature and top-p, as OpenAI reports
+    it) and the ``top`` most likely ids with theirs (unordered)."""
+    logprobs = logits[0].astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs)
+    chosen = logprobs[token[0]]
+    if top == 0:
+        return chosen, None, None
+    ids = mx.argpartition(-logprobs, top - 1)[:top]
+    return chosen, ids, logprobs[ids]
+
+
+def _to_python(arrays) -> dict:
+    """``{"logprob": float, "top": [(id, logprob)] most likely first}``."""
+    chosen, ids, values = arrays
+    top = [] if ids is None else sorted(zip(ids.tolist(), values.tolist()),
+                                        key=lambda t: -t[1])
+    return {"logprob": chosen.item(), "top": top}
+
+
 @dataclass(eq=False)  # compared by identity: the decoder keeps them in its batch
 class Sequence:
     """One request inside the scheduler."""
@@ -96,6 +121,7 @@ class Sequence:
     sampled: list = field(default_factory=list)  # every sampled id, EOS included
     completion_tokens: int = 0
     emitted: int = 0  # characters of the detokenized text already sent
+    logprob_stream: object = None  # LogprobStream, when the request asked for logprobs
     cancelled: bool = False
 
     @property
@@ -127,24 +153,34 @@ class BatchDecoder:
         self.caches: list | None = None
         self.forwards = 0  # model calls made by decode steps (a count the tests read)
 
-    def step(self, sequences) -> list[int]:
+    def step(self, sequences) -> list[tuple[int, dict | None]]:
+        """One new token per sequence, each with its log-probabilities (``token_logprobs``)
+        when its request asked for them, else None."""
         if not self.batched:
-            ys = {s: next_token(self.model, s.last, s.caches, s.sampler) for s in sequences}
+            logits = {s: self._forward_alone(s) for s in sequences}
             self.forwards += len(sequences)
         else:
             # A one-token prompt has no cache yet to join with: its first step runs alone.
             empty = [s for s in sequences if s not in self.rows and s.caches[0].offset == 0]
-            ys = {s: next_token(self.model, s.last, s.caches, s.sampler) for s in empty}
+            logits = {s: self._forward_alone(s) for s in empty}
             for s in [s for s in self.rows if s not in sequences]:
                 self.leave(s)
-            self._join([s for s in sequences if s not in self.rows and s not in ys])
+            self._join([s for s in sequences if s not in self.rows and s not in logits])
             if self.rows:
                 tokens = mx.concatenate([s.last for s in self.rows])[:, None]
-                logits = self.model(tokens, cache=self.caches)[:, -1, :]
-                ys.update({s: s.sampler(logits[i:i + 1]) for i, s in enumerate(self.rows)})
+                batch = self.model(tokens, cache=self.caches)[:, -1, :]
+                logits.update({s: batch[i:i + 1] for i, s in enumerate(self.rows)})
             self.forwards += len(empty) + bool(self.rows)
-        mx.eval(list(ys.values()))
-        return [ys[s].item() for s in sequences]
+        ys = {s: s.sampler(logits[s]) for s in sequences}
+        # Only rows whose request asked pay for the log-softmax (and top-k) of their logits.
+        extra = {s: token_logprobs(logits[s], ys[s], s.params.top_logprobs)
+                 for s in sequences if s.params is not None and s.params.logprobs}
+        mx.eval(list(ys.values()), list(extra.values()))
+        return [(ys[s].item(), _to_python(extra[s]) if s in extra else None)
+                for s in sequences]
+
+    def _forward_alone(self, s: Sequence):
+        return self.model(s.last[None], cache=s.caches)[:, -1, :]
 
     def _join(self, newcomers) -> None:
         """Prefilled sequences join the batch; their own caches are handed over."""
@@ -220,6 +256,7 @@ class Scheduler:
         self.prefill_step_size = prefill_step_size
         self.decoder = BatchDecoder(model, kv_options)
         self.eos = set(tokenizer.eos_token_ids)
+        self.token_bytes = TokenBytes(tokenizer)  # a token's text and bytes, for logprobs
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -322,8 +359,8 @@ class Scheduler:
         if decoding:
             self._stats["peak_batch"] = max(self._stats["peak_batch"], len(decoding))
             self._stats["decode_steps"] += 1
-            for s, token in zip(decoding, self.decoder.step(decoding)):
-                self._advance(s, token)
+            for s, (token, logprobs) in zip(decoding, self.decoder.step(decoding)):
+                self._advance(s, token, logprobs)
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.decode_concurrency:
@@ -351,6 +388,8 @@ class Scheduler:
         s.prefilled = s.cached_tokens
         s.sampler = make_sampler(p.temperature, p.top_p, p.seed)
         s.detokenizer = self.tokenizer.detokenizer
+        if p.logprobs:
+            s.logprob_stream = LogprobStream(self.token_bytes)
         s.last = mx.array(p.prompt_ids[-1:])
         if len(p.prompt_ids) - 1 > s.prefilled:
             s.prefill = prefill_chunks(self.model, p.prompt_ids, s.caches,
@@ -362,14 +401,16 @@ class Scheduler:
             s.prefill.close()
             s.prefill = None
 
-    def _advance(self, s: Sequence, token: int) -> None:
+    def _advance(self, s: Sequence, token: int, logprobs: dict | None = None) -> None:
         s.sampled.append(token)
-        if token in self.eos:
+        if token in self.eos:  # not part of the text: no logprobs entry either
             self._finish(s, "stop")
             return
         s.completion_tokens += 1
         s.last = mx.array([token])
         s.detokenizer.add_token(token)
+        if logprobs is not None:
+            s.logprob_stream.add(token, **logprobs)
         if self._send_text(s, s.detokenizer.text, final=False):
             self._finish(s, "stop", flush=False)
         elif s.completion_tokens >= s.params.max_tokens:
@@ -377,7 +418,8 @@ class Scheduler:
 
     def _send_text(self, s: Sequence, text: str, final: bool) -> bool:
         """Send the new text up to any stop string; True if a stop string was found.
-        Text that could be the start of a stop string is held back until it is not."""
+        Text that could be the start of a stop string is held back until it is not.
+        With it go the logprobs of the tokens whose text it completes."""
         stops = s.params.stop
         end = len(text)
         hit = False
@@ -389,9 +431,16 @@ class Scheduler:
             elif not final:
                 end -= max((k for stop in stops for k in range(1, len(stop))
                             if text.endswith(stop[:k])), default=0)
-        if end > s.emitted:
-            s.emit({"type": "text", "text": text[s.emitted:end]})
-            s.emitted = end
+        new = text[s.emitted:end] if end > s.emitted else ""
+        s.emitted += len(new)
+        entries = []
+        if s.logprob_stream is not None:
+            entries = s.logprob_stream.release(text, s.emitted, final=final, stopped=hit)
+        if new or entries:
+            event = {"type": "text", "text": new}
+            if s.logprob_stream is not None:
+                event["logprobs"] = entries
+            s.emit(event)
         return hit
 
     def _finish(self, s: Sequence, reason: str, flush: bool = True) -> None:

@@ -534,6 +534,21 @@ def test_force_onto_an_empty_folder_and_output_is_marked(sandbox, tmp_path):
 
 
 # --- signals: nothing left behind ------------------------------------------------------------
+def _interruptible():
+    """Child processes start with SIGINT at its default, as from a terminal: a runner that
+    launched the tests in the background (SIGINT ignored, as nohup does) would otherwise
+    pass the ignore on, and Python then rightly never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises_keyboard_interrupt():
+    """The same for this process: Ctrl-C raises KeyboardInterrupt during each test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _send_when(proc, ready, sig, timeout=240):
     """Send ``sig`` once ``ready()`` is true (the command is mid-write); the process must
     still be running then, or the test proves nothing."""
@@ -566,8 +581,8 @@ def test_signal_mid_conversion_leaves_nothing(default_gguf, tmp_path, sig, code,
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxq.convert", "--hf-path", str(default_gguf),
          "--mlx-path", str(tmp_path / "deep" / "out"), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
-                                                             "PYTHONPATH": str(REPO)})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interruptible,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     rc, err = _send_when(proc, _temp_folder_in(tmp_path / "deep"), sig)
     assert rc == code, err
     assert word in assert_one_line(err, "mlxq.convert:")
@@ -579,7 +594,7 @@ def test_sigterm_during_default_model_first_use_leaves_nothing(tmp_path):
     home.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxq.generate", "--max-tokens", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interruptible,
         env={**os.environ, "PYTHONPATH": str(REPO), "MLXQ_HOME": str(home)})
     rc, err = _send_when(proc, _temp_folder_in(home / "models"), signal.SIGTERM)
     assert rc == 143, err

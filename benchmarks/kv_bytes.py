@@ -26,7 +26,7 @@ import mlx.core as mx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlxq.cache import KVCache, make_cache  # noqa: E402
+from mlxq.cache import KVCache, cache_device_nbytes, make_cache  # noqa: E402
 from mlxq.models import build_model  # noqa: E402
 
 # Gemma-3-270M (from its GGUF's metadata), with hidden/FFN/vocab shrunk: the KV cache
@@ -37,7 +37,6 @@ GEMMA3_270M = {
     "sliding_window_pattern": 6, "hidden_size": 64, "intermediate_size": 64,
     "vocab_size": 64, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
 }
-_FP16 = 2
 
 
 def _shrunk(config: dict) -> dict:
@@ -64,31 +63,23 @@ def _fill_fp(cache, tokens, n_kv, d):
     mx.eval(cache.keys, cache.values)
 
 
-def _fp16_bytes(cache) -> int:
-    if isinstance(cache, KVCache) or hasattr(cache, "max_size"):
-        return cache.keys.nbytes // cache.keys.itemsize * _FP16 * 2  # keys + values
-    return cache.nbytes  # quantized caches already store float16 scales and windows
-
-
 def measure(config: dict, tokens: int, kv_bits: int = 4) -> dict:
     model = build_model(_shrunk(config))
     n_kv, d = config["num_key_value_heads"], config["head_dim"]
     caches = make_cache(model, kv_bits=kv_bits)
-    ours = 0
     for c in caches:
         if isinstance(c, KVCache) or hasattr(c, "max_size"):
             _fill_fp(c, tokens, n_kv, d)
         else:
             _fill_quantized(c, tokens, n_kv, d)
-        ours += _fp16_bytes(c)
+    ours = cache_device_nbytes(caches)
     baseline = make_cache(model)  # 16 bits: windows on sliding layers, KVCache elsewhere
-    mlx_lm_like = 0
     for c in baseline:
         _fill_fp(c, tokens, n_kv, d)
-        mlx_lm_like += _fp16_bytes(c)
+    mlx_lm_like = cache_device_nbytes(baseline)
     full_layer = KVCache(dtype=mx.float16)
     _fill_fp(full_layer, tokens, n_kv, d)
-    full = _fp16_bytes(full_layer) * len(caches)
+    full = cache_device_nbytes([full_layer]) * len(caches)
     return {"tokens": tokens, "kv_bits": kv_bits, "bytes": ours, "fp16_full": full,
             "fp16_mlx_lm": mlx_lm_like, "ratio_vs_fp16_full": ours / full,
             "ratio_vs_fp16_mlx_lm": ours / mlx_lm_like,

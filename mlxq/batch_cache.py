@@ -26,13 +26,13 @@ from .cache import KVCache
 from .errors import MlxqError
 from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
 from .kv_config import KVCacheConfig
-from .quantized_cache import QuantizedKVCache, QuantizedOptions
+from .quantized_cache import QuantizedKVCache, QuantizedOptions, round_up, store_capacity
 
 
 def store_rows(config: KVCacheConfig, longest: int) -> int:
     """Store rows of a batch whose longest sequence holds ``longest`` tokens: the rows
     past the sink, the scratch row and the next token's row, in whole ``step`` blocks."""
-    return _blocks(max(1, longest - config.sink + 2), config.step)
+    return store_capacity(config, max(1, longest - config.sink + 2))
 
 
 def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
@@ -178,11 +178,7 @@ def full_precision_nbytes(step: int, heads: int, head_dim: int, itemsize: int,
     """Bytes of full-precision caches (``KVCache`` for one sequence, ``BatchKVCache`` for
     several) whose sequences each hold fewer than ``tokens`` tokens: keys and values in
     whole ``step`` blocks, every row as long as the longest (an upper bound)."""
-    return sequences * 2 * heads * _blocks(max(tokens, 1), step) * head_dim * itemsize
-
-
-def _blocks(n: int, step: int) -> int:
-    return -(-n // step) * step
+    return sequences * 2 * heads * round_up(max(tokens, 1), step) * head_dim * itemsize
 
 
 class BatchKVCache(_Batch):
@@ -200,7 +196,7 @@ class BatchKVCache(_Batch):
                 raise MlxqError("prefill a sequence before it joins a batch")
         self.step, self.dtype = first.step, first.dtype
         self.lengths = [c.offset for c in caches]
-        rows = _blocks(max(self.lengths) + 1, self.step)  # + the next token's row
+        rows = round_up(max(self.lengths) + 1, self.step)  # + the next token's row
         self.keys = mx.concatenate([_pad_rows(c.keys[:, :, :c.offset], rows) for c in caches])
         self.values = mx.concatenate([_pad_rows(c.values[:, :, :c.offset], rows)
                                       for c in caches])
@@ -245,7 +241,7 @@ class BatchKVCache(_Batch):
         if not keep:
             raise MlxqError("a batch needs at least one sequence")
         self.lengths = [self.lengths[i] for i in keep]
-        rows = min(self.keys.shape[2], _blocks(max(self.lengths) + 1, self.step))
+        rows = min(self.keys.shape[2], round_up(max(self.lengths) + 1, self.step))
         self.keys = _gather(self.keys, keep, rows)
         self.values = _gather(self.values, keep, rows)
 
@@ -254,8 +250,8 @@ class BatchKVCache(_Batch):
         alone); the batch is unchanged."""
         n = self.lengths[i]
         cache = KVCache(step=self.step, dtype=self.dtype)
-        cache.keys = _gather(self.keys, [i], _blocks(n, self.step))
-        cache.values = _gather(self.values, [i], _blocks(n, self.step))
+        cache.keys = _gather(self.keys, [i], round_up(n, self.step))
+        cache.values = _gather(self.values, [i], round_up(n, self.step))
         cache.offset = n
         return cache
 

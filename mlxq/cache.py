@@ -183,6 +183,15 @@ def cache_nbytes(caches) -> int:
     return sum(c.nbytes for c in caches)
 
 
+def cache_device_nbytes(caches) -> int:
+    """The caches' bytes with full-precision ones (``KVCache``, sliding windows) weighed as
+    float16, what they hold on a GPU whatever the CPU backend computes in; quantized caches
+    store float16 windows and scales already. The numerator of a KV bytes ratio."""
+    from .quantized_cache import QuantizedKVCache
+
+    return sum(c.nbytes if isinstance(c, QuantizedKVCache) else c.fp16_nbytes for c in caches)
+
+
 def cache_fp16_nbytes(caches):
     """Bytes an fp16 cache of the same capacity would take; None if a cache cannot say."""
     try:

@@ -21,10 +21,9 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from .cache import cache_fp16_nbytes, make_cache
+from .cache import cache_device_nbytes, cache_fp16_nbytes, make_cache
 from .errors import ArgumentParser, MlxqError, cli_main
 from .kernels.decode_attention import MAX_QUERY_TOKENS
-from .quantized_cache import QuantizedKVCache
 from .output_files import check_output_file, write_text_file
 from .kv_config import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK, KVCacheConfig
 
@@ -185,7 +184,7 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
         for f in formats[1:]:
             fp16 = cache_fp16_nbytes(caches[f])
             if fp16:
-                bytes_ratio.setdefault(f, _kv_bytes(caches[f]) / fp16)
+                bytes_ratio.setdefault(f, cache_device_nbytes(caches[f]) / fp16)
         for f in formats:
             per_step = list(zip(*steps[f]))
             n = np.array(mx.concatenate(per_step[0], axis=1))  # (B, scored tokens)
@@ -221,12 +220,6 @@ def evaluate(model, tokenizer, tokens, formats, context=DEFAULT_CONTEXT,
         "unscored_prefill_predictions": windows * (context - 1) - n_scored,
         "results": results,
     }
-
-
-def _kv_bytes(caches) -> int:
-    """What the caches hold on a GPU: full-precision ones (a model's sliding-window layers)
-    weighed as float16, whatever dtype the CPU backend computes in."""
-    return sum(c.nbytes if isinstance(c, QuantizedKVCache) else c.fp16_nbytes for c in caches)
 
 
 def _ppl(chunks) -> float:

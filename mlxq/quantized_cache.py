@@ -20,12 +20,25 @@ import mlx.core as mx
 
 from .errors import MlxqError
 from .kernels.kv_append import append_rows, reference_append_rows
-from .kernels.kv_layout import row_words
+from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
 from .kv_config import KVCacheConfig
 from .rotation import HadamardRotation, random_signs
 
-_FP16_BYTES = 2
 FP_STEP = 64  # the float16 buffer grows by this many slots, up to sink + recent
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def store_capacity(config: KVCacheConfig, rows: int) -> int:
+    """Store rows allocated to hold ``rows``: whole ``step`` blocks."""
+    return round_up(rows, config.step)
+
+
+def fp_capacity(config: KVCacheConfig, slots: int) -> int:
+    """float16 slots allocated to hold ``slots``: FP_STEP blocks, at most sink + recent."""
+    return min(config.sink + config.recent, round_up(slots, FP_STEP))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -155,8 +168,7 @@ class QuantizedKVCache(QuantizedOptions):
         have = 0 if self.store is None else self.store.shape[2]
         if rows <= have:
             return
-        step = self.config.step
-        extra = mx.zeros((B, H, -(-rows // step) * step - have,
+        extra = mx.zeros((B, H, store_capacity(self.config, rows) - have,
                           row_words(D, self.bits, self.group_size)), mx.uint32)
         self.store = extra if self.store is None else mx.concatenate([self.store, extra], 2)
 
@@ -165,8 +177,7 @@ class QuantizedKVCache(QuantizedOptions):
         have = 0 if self.fp is None else self.fp.shape[2]
         if slots <= have:
             return
-        new = min(self.sink + self.recent, -(-slots // FP_STEP) * FP_STEP)
-        extra = mx.zeros((B, H, new - have, 2 * D), mx.float16)
+        extra = mx.zeros((B, H, fp_capacity(self.config, slots) - have, 2 * D), mx.float16)
         self.fp = extra if self.fp is None else mx.concatenate([self.fp, extra], 2)
 
     # --- bookkeeping -----------------------------------------------------------------
@@ -198,7 +209,7 @@ class QuantizedKVCache(QuantizedOptions):
             return 0
         B, H = (self.store if self.store is not None else self.fp).shape[:2]
         tokens = self.sink_length + (0 if self.store is None else self.store.shape[2])
-        return 2 * B * H * tokens * self.head_dim * _FP16_BYTES
+        return fp16_bytes(B, H, tokens, self.head_dim, self.head_dim)
 
     # --- save / load -----------------------------------------------------------------
     @property
@@ -247,9 +258,8 @@ def quantized_nbytes(config: KVCacheConfig, heads: int, head_dim: int, tokens: i
     ``tokens`` tokens (``nbytes`` agrees; the server reserves memory by it): store rows
     past the sink in whole ``step`` blocks, float16 slots in FP_STEP blocks up to
     sink + recent."""
-    S, R, step = config.sink, config.recent, config.step
-    rows = -(-max(0, tokens - S) // step) * step
-    slots = min(tokens, S) + min(R, max(0, tokens - S))
-    fp_slots = min(S + R, -(-slots // FP_STEP) * FP_STEP)
-    return heads * (rows * 4 * row_words(head_dim, config.bits, config.group_size)
-                    + fp_slots * 2 * head_dim * _FP16_BYTES)
+    S, R = config.sink, config.recent
+    rows = store_capacity(config, max(0, tokens - S))
+    slots = fp_capacity(config, min(tokens, S) + min(R, max(0, tokens - S)))
+    return (heads * rows * row_bytes(head_dim, config.bits, config.group_size)
+            + fp16_bytes(1, heads, slots, head_dim, head_dim))

@@ -164,15 +164,28 @@ def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False
     mx.export_function(lambda _: None, traced, mx.zeros((1,)))
 
 
+def steady_prefill(context: int, options: dict) -> int:
+    """Tokens stored before the step measured at ``context``: the step to ``context``
+    tokens, or the one before it when that step would complete a key-center block (1 step
+    in 64, which also computes the next block's center: not the steady step)."""
+    from mlxq.cache import config_from_options
+    from mlxq.kernels.kv_layout import CENTER_BLOCK
+
+    config = config_from_options(**{k: v for k, v in options.items() if k != "dtype"})
+    if config.quantized and config.key_center and (context - config.sink) % CENTER_BLOCK == 0:
+        return context - 2
+    return context - 1
+
+
 # --- one row: trace a step ---------------------------------------------------------------------
 def traced_step(name: str, context: int, options: dict, layers: int) -> dict:
-    """Trace the step that brings the cache to ``context`` tokens."""
+    """Trace the steady step at ``context`` tokens (``steady_prefill``)."""
     from mlxq.backend import tracing_metal
 
     model = lazy_model(MODELS[name], layers)
     with tracing_metal():
         caches = make_caches(model, options)
-        prefill(model, caches, context - 1)
+        prefill(model, caches, steady_prefill(context, options))
         graph = step_graph.decode_step_graph(model, caches)
     summary = step_graph.per_layer(graph, layers)
     if options.get("kv_bits", 16) < 16 and not summary["kernels"]:
@@ -196,7 +209,7 @@ def time_steps(name: str, context: int, options: dict, steps: int) -> dict:
         return common.not_available(common.NA_NEEDS_METAL)
     model = random_model(split_config(MODELS[name])[0], 4, compute_dtype(), seed=0)  # evaluated layer by layer
     caches = make_caches(model, options)
-    prefill(model, caches, context - 1, evaluate=True)
+    prefill(model, caches, steady_prefill(context, options), evaluate=True)
 
     def step(y):
         return mx.argmax(model(y[None], cache=caches)[:, -1, :], axis=-1)

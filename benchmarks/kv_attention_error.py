@@ -15,8 +15,10 @@ perplexity: an error in one layer also moves the inputs of the next, which this 
 follow; ``python -m mlxq.evaluate`` measures that, at ~20x the cost. Use this one to rank
 ideas, then evaluate the survivors.
 
-Formats are ``mlxq.evaluate`` names (``int4-g64-rot-w256-s4``) with optional experimental
-suffixes, for quantizers the cache does not have:
+Formats are ``mlxq.evaluate`` names (``int4-g64-rot-kc-w256-s4``): those go through the
+cache's own write path (a reference-backend ``QuantizedKVCache`` fed in 512-token chunks,
+key centering included). Formats without ``-kc`` take optional experimental suffixes, for
+quantizers the cache does not have:
 
 - ``+mse``:    each group's range shrunk around its midpoint by the factor (1.0, 0.98, ...,
                0.70) that minimizes the group's squared error (same bytes);
@@ -67,7 +69,11 @@ def parse(name: str):
     if unknown:
         raise MlxqError(f"unknown suffix +{sorted(unknown)[0]} in {name!r}; use "
                         + ", ".join("+" + m for m in MODIFIERS))
-    return parse_format(base), set(mods)
+    fmt = parse_format(base)
+    if mods and fmt.key_center:
+        raise MlxqError(f"{name!r}: the experimental suffixes apply to formats without -kc "
+                        "(the cache's own key centering)")
+    return fmt, set(mods)
 
 
 # --- recording ----------------------------------------------------------------------
@@ -139,8 +145,29 @@ def quantize_dequantize(x, bits: int, group_size: int, mse: bool = False):
     return best.reshape(x.shape)
 
 
+def cache_stored_kv(k, v, fmt: KVCacheConfig, layer: int, chunk: int = 512):
+    """What a real ``QuantizedKVCache`` (reference backend) stores for keys/values (H, T,
+    D), appended in chunks as a prefill would, read back in the rotated basis (key centers
+    included); positions in the sink are left exact."""
+    from mlxq.kernels.kv_layout import add_key_centers
+
+    cache = QuantizedKVCache(fmt, layer_index=layer, backend="reference")
+    T = k.shape[1]
+    for a in range(0, T, chunk):
+        cache.append(mx.array(k[None, :, a:a + chunk]), mx.array(v[None, :, a:a + chunk]))
+    S = min(fmt.sink, T)
+    kq, vq = dequantize_rows(cache.store[:, :, :T - S], k.shape[-1], fmt.bits, fmt.group_size)
+    if cache.centers is not None:
+        kq = add_key_centers(kq, cache.centers, 0)
+    R = cache.rotation
+    exact = [x[:, :S] if R is None or not S else np.array(R.forward(mx.array(x[:, :S])))
+             for x in (k, v)]
+    return tuple(np.concatenate([e, np.array(q[0])], axis=1) for e, q in zip(exact, (kq, vq)))
+
+
 def stored_kv(k, v, fmt: KVCacheConfig, mods: set):
-    """The keys/values attention reads from the quantized store, in the rotated basis."""
+    """The keys/values attention reads from the quantized store, in the rotated basis
+    (experimental quantizers; the cache's own formats go through ``cache_stored_kv``)."""
     mse = "mse" in mods
     center = 0.0
     if "kcenter" in mods:
@@ -200,7 +227,10 @@ def attention_errors(recorded: dict, names: list, queries: int, scale: float) ->
                      if fmt.rotation else np.eye(D, dtype=np.float32))
                 rotations[fmt.rotation] = tuple(x @ R for x in (q, k, v))
             qr, kr, vr = rotations[fmt.rotation]
-            kq, vq = stored_kv(kr, vr, fmt, mods)
+            if mods:
+                kq, vq = stored_kv(kr, vr, fmt, mods)
+            else:
+                kq, vq = cache_stored_kv(k, v, fmt, layer)
             out[name]["layers"].append(layer_error(qr, kr, vr, kq, vq, scale,
                                                    min(queries, q.shape[1]),
                                                    fmt.recent, fmt.sink))

@@ -4,9 +4,12 @@
 //
 // Template: T (input dtype, float or half), D (head dim), BITS (4|8), GS (group size),
 //   ROTATE (apply R = diag(signs) H / sqrt(D), H the Sylvester-Hadamard matrix; D a power
-//   of two).
+//   of two), CENTER (quantize keys minus a center, kv_layout.py's key centering).
 // Inputs:  keys, values  (N, D) rows of T, N = batch * kv_heads * new_tokens (contiguous);
-//          signs         (D) float, the layer's random signs (read only when ROTATE).
+//          signs         (D) float, the layer's random signs (read only when ROTATE);
+//          center        (N / tokens, D) half: one key center per (sequence, KV head),
+//                        shared by its new tokens (read only when CENTER);
+//          tokens        int32[1]: new tokens per (sequence, KV head).
 // Outputs: fp_rows  (N, 2D) half: [rotated key | rotated value];
 //          q_rows   (N, ROW) uint32, ROW = 2*W + 2*NG (W = D*BITS/32, NG = D/GS):
 //                   [key codes W | value codes W | key (scale, bias) NG | value (scale, bias) NG],
@@ -17,10 +20,12 @@
 // Threadgroup: one token row, 64 threads = 2 simdgroups (0: key, 1: value). Each lane holds
 //   EPL = D/32 consecutive elements (e = lane*EPL + x), applies the signs and the Hadamard
 //   butterflies (in-lane for strides < EPL, simd_shuffle_xor across lanes above), rounds to
-//   half and writes its slice of the fp16 row. After one barrier, thread t < 2*NG quantizes
+//   half and writes its slice of the fp16 row (keys as they are), subtracts the center from
+//   its key elements (CENTER, in float), and after one barrier thread t < 2*NG quantizes
 //   group t (keys, then values) from threadgroup memory.
 // Launch at decode (1 token): batch * kv_heads threadgroups (3 on the default model, 8 on
-//   Llama-3-8B). Bytes read: 2 * N * D * sizeof(T) (+ D*4 signs); written: N * (4D + 4*ROW).
+//   Llama-3-8B). Bytes read: 2 * N * D * sizeof(T) (+ D*4 signs, + 2D per
+//   row for the center); written: N * (4D + 4*ROW).
 //
 // Rounding follows mx.quantize (MLX's CPU backend) on the half-rounded rotated value:
 //   scale = max((max - min) / (2^BITS - 1), 1e-7), negated unless |min| > |max|
@@ -57,7 +62,11 @@ if (ROTATE) {
 for (int x = 0; x < EPL; x++) {
   const half h = half(v[x]);
   fp_rows[row * (2 * D) + which * D + lane * EPL + x] = h;
-  rotated[which * D + lane * EPL + x] = float(h);
+  float w = float(h);
+  if (CENTER && which == 0) {
+    w -= float(center[(row / size_t(tokens[0])) * D + lane * EPL + x]);
+  }
+  rotated[which * D + lane * EPL + x] = w;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

@@ -12,8 +12,11 @@
 //          fp      (B, Hkv, fcap, 2D) half: slots [0, sink) hold the first tokens, slots
 //                  [sink, sink + recent) a ring of the newest ones (position p in slot
 //                  sink + (p - sink) % recent), each slot [key | value];
+//          centers (B, Hkv, ncb, D) half: the key center of each CENTER_BLOCK store rows
+//                  (read only when CENTER);
 //          signs   (D) float; lens (B, 2) int32 = {tokens n, window tokens n_w} per sequence;
-//          params  int32[9] = {cap, fcap, sink, recent, block, nb_q, n_blocks, n_chunks, Hkv};
+//          params  int32[10] = {cap, fcap, sink, recent, block, nb_q, n_blocks, n_chunks,
+//                  Hkv, ncb};
 //          scale   float[1].
 // Outputs: o_part (B*Hq*LQ, n_blocks, D) T, the block's normalized output; ml_part
 //          (..., n_blocks, 2) float: block max (log2 units) and sum.
@@ -33,6 +36,9 @@
 //   simd_shuffle_xor. 4-bit codes are never shifted: the queries are pre-scaled by
 //   16^-(i%8) and each code is read as word & (0xf << 4x), so a code costs one AND, one
 //   convert and one FMA per query row; per group the score gets scale * acc + bias * sum(q).
+//   CENTER: a step's keys lie in one center block (KPS divides CENTER_BLOCK, steps are
+//   aligned), so each row's score gets q . center once per step: D/32 FMAs per lane and a
+//   simd_sum (the queries' pre-scale undone by exact powers of two).
 //   Online softmax in log2 units (exp2), fp32 throughout. Values: lane = D/32 output
 //   elements; for each key of the step the probability comes by simd_shuffle from the
 //   key's lane, the lane dequantizes its slice of the value row (coalesced across lanes).
@@ -41,7 +47,7 @@
 //   1,056 simdgroups, LPK 1; at 32K: 33 x 8 = 264, 1,056 simdgroups; the default model
 //   (9q/3kv, d64) at 1K: 65 x 3 = 195 threadgroups, 780 simdgroups, LPK 8.
 // Bytes read per (sequence, KV head): n_q * ROW * 4 (int4 d128 g64: 144 per token, 0.28x
-//   of fp16's 512) + fp slots * 4D + per threadgroup RT*D*sizeof(T) of queries; written:
+//   of fp16's 512; CENTER: + 2D per CENTER_BLOCK rows) + fp slots * 4D + per threadgroup RT*D*sizeof(T) of queries; written:
 //   rows * n_blocks * (D * sizeof(T) + 8) partials.
 // ALU per cached element (4-bit keys, per query row): AND + convert + FMA; per group +2 FMA.
 
@@ -56,6 +62,7 @@ constexpr int WL = W / LPK;          // key code words per lane (store)
 constexpr int DL = D / LPK;          // key elements per lane (fp slots)
 constexpr int NR = G * LQ;           // query rows per KV head
 constexpr uint CODE_MASK = (1u << BITS) - 1u;
+constexpr int CENTER_BLOCK = 64;     // store rows per key center (kv_layout.py)
 // Finite "minus infinity": keeps exp2 arguments finite (no inf - inf) in any math mode.
 constexpr float NEG = -1.0e30f;
 
@@ -72,6 +79,7 @@ const int nb_q = params[5];
 const int n_blocks = params[6];
 const int n_chunks = params[7];
 const int n_kv = params[8];
+const int ncb = params[9];
 
 const int blk = int(threadgroup_position_in_grid.x);
 const int hkv = int(threadgroup_position_in_grid.y);
@@ -143,6 +151,12 @@ for (int j = 0; j < RT; j++) {
   }
 }
 
+// q . center reads the pre-scaled queries: these undo the 16^-(i%8) (256^-(i%4)) factors.
+float unscale[EPL];
+for (int x = 0; x < EPL; x++) {
+  unscale[x] = exp2(float(BITS * ((lane * EPL + x) % EPW)));
+}
+
 const int sub = lane % LPK;
 const int top_rel = max(n - 1 - sink, 0) % max(recent, 1);  // ring slot of the newest token
 for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
@@ -197,6 +211,23 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
   for (ushort off = 1; off < ushort(LPK); off *= 2) {
     for (int j = 0; j < RT; j++) {
       score[j] += simd_shuffle_xor(score[j], off);
+    }
+  }
+  if (CENTER && quant) {
+    // Uniform across the simdgroup: every lane takes part in the simd_sum.
+    const device half* crow = centers + (slab * ncb + s0 / CENTER_BLOCK) * D + lane * EPL;
+    float cv[EPL];
+    for (int x = 0; x < EPL; x++) {
+      cv[x] = float(crow[x]) * unscale[x];
+    }
+    for (int j = 0; j < RT; j++) {
+      if (j < nrows) {
+        float t = 0.0f;
+        for (int x = 0; x < EPL; x++) {
+          t += q_tg[j * D + lane * EPL + x] * cv[x];
+        }
+        score[j] += simd_sum(t);
+      }
     }
   }
 

@@ -90,27 +90,28 @@ def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: flo
     """One decode step of a batch of sequences, each at its own length."""
     cache.append(keys, values)
     if cache.backend != "reference":
-        return _decode_kernels(queries, cache, cache.store, cache.fp, cache.lens, scale, sinks)
+        return _decode_kernels(queries, cache, cache.store, cache.fp, cache.centers,
+                               cache.lens, scale, sinks)
     segments = cache_segments(cache.store, cache.fp, cache.lens, cache.sink, cache.recent,
-                              cache.head_dim, cache.bits, cache.group_size)
+                              cache.head_dim, cache.bits, cache.group_size, cache.centers)
     return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
         q, (cache.offset - 1)[:, None], segments, scale, sinks=sinks))
 
 
 def _fused_decode(queries, cache, scale, sinks):
     B = queries.shape[0]
-    return _decode_kernels(queries, cache, *_buffers(cache, B),
+    return _decode_kernels(queries, cache, *_buffers(cache, B), cache.centers,
                            [(cache.offset, cache.window_length)] * B, scale, sinks)
 
 
-def _decode_kernels(queries, cache, store, fp, lens, scale, sinks):
+def _decode_kernels(queries, cache, store, fp, centers, lens, scale, sinks):
     # The kernels rotate in registers (power-of-two head dims), else MLX ops around them.
     signs = cache.signs if cache.kernel_rotates else None
     return _in_rotated_basis(None if cache.kernel_rotates else cache.rotation, queries,
                              lambda q: segmented_decode_attention(
                                  q, store, fp, lens, cache.sink, cache.recent, scale,
                                  cache.bits, cache.group_size, signs, cache.backend,
-                                 sinks=sinks))
+                                 sinks=sinks, centers=centers))
 
 
 def _in_rotated_basis(rotation, queries, attention):
@@ -155,14 +156,14 @@ def _segments(cache, L, fp_rows):
         if stored:
             segments.append(QuantSegment(cache.store, stored,
                                          mx.arange(S, first, dtype=mx.int32)[None],
-                                         cache.bits, cache.group_size))
+                                         cache.bits, cache.group_size, cache.centers))
         own = fp_rows[:, :, first - (n - L):]
         segments.append(FpSegment(own[..., :D], own[..., D:],
                                   mx.arange(first, n, dtype=mx.int32)[None]))
         return segments
     B = (cache.store if cache.store is not None else fp).shape[0]
     return cache_segments(cache.store, fp, [(n, cache.window_length)] * B,
-                          S, cache.recent, D, cache.bits, cache.group_size)
+                          S, cache.recent, D, cache.bits, cache.group_size, cache.centers)
 
 
 def _foreign_cache_attend(queries, keys, values, cache, scale, sinks):

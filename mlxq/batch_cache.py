@@ -14,6 +14,9 @@ kernel reads. ``offset`` is an array of lengths, which RoPE takes per sequence.
 
 Every row of the store has the longest sequence's capacity (``store_rows``), so a batch
 allocates ``batch_nbytes``: what the server reserves for the sequences it runs together.
+With key centering the batch also holds each sequence's ``centers`` (one per block of the
+store's rows, plus the next block's) and ``center`` (its current block's); a sequence that
+completes a block in a step gets its next center after that step's write, as alone.
 
 ``BatchKVCache`` is the same for the full-precision ``KVCache`` (``--kv-bits 16``): keys
 and values (B, H, rows, D), a sequence's token p in row p, and attention masks each
@@ -24,7 +27,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import MlxqError
-from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
+from .kernels.kv_layout import CENTER_BLOCK, fp16_bytes, row_bytes, row_words
 from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions, round_up, store_capacity
 
@@ -35,14 +38,22 @@ def store_rows(config: KVCacheConfig, longest: int) -> int:
     return store_capacity(config, max(1, longest - config.sink + 2))
 
 
+def batch_centers(config: KVCacheConfig, rows: int) -> int:
+    """Key centers per sequence of a batch whose store has ``rows`` rows (0: no centering):
+    one per block of rows, plus the block after the last."""
+    return rows // CENTER_BLOCK + 1 if config.key_center else 0
+
+
 def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
                  tokens: int) -> int:
     """An upper bound on one layer's ``BatchQuantizedKVCache`` bytes for ``sequences``
     sequences that each hold fewer than ``tokens`` tokens (``nbytes`` stays within it)."""
     fp_slots = config.sink + config.recent + 1  # + the scratch slot
-    return (sequences * heads * store_rows(config, tokens - 1)
-            * row_bytes(head_dim, config.bits, config.group_size)
-            + fp16_bytes(sequences, heads, fp_slots, head_dim, head_dim))
+    rows = store_rows(config, tokens - 1)
+    centers = batch_centers(config, rows) + 1 if config.key_center else 0  # + ``center``
+    return (sequences * heads * rows * row_bytes(head_dim, config.bits, config.group_size)
+            + fp16_bytes(sequences, heads, fp_slots, head_dim, head_dim)
+            + sequences * heads * centers * head_dim * 2)
 
 
 class _Batch:
@@ -82,6 +93,14 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         self.window_lengths = [c.window_length for c in caches]
         self.store, self.fp = self._stack([c.store for c in caches], [c.fp for c in caches],
                                           max(self.lengths))
+        self.centers = self.center = None
+        if self.config.key_center:
+            H, D = self.store.shape[1], self.head_dim
+            count = batch_centers(self.config, self.store.shape[2])
+            self.centers = mx.concatenate([_pad_rows(_empty_if_none(c.centers, H, D)
+                                                     [:, :, :count], count) for c in caches])
+            self.center = mx.concatenate([_pad_rows(_empty_if_none(c.center, H, D), 1)
+                                          for c in caches])
 
     # --- what attention reads ---------------------------------------------------------
     @property
@@ -91,7 +110,9 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
     @property
     def state(self):
         """The buffers (what to evaluate after joining or leaving)."""
-        return self.store, self.fp
+        if self.centers is None:
+            return self.store, self.fp
+        return self.store, self.fp, self.centers, self.center
 
     # --- joining and leaving --------------------------------------------------------
     def _stack(self, stores, fps, longest):
@@ -118,6 +139,11 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         rows = max(self.store.shape[2], other.store.shape[2])
         self.store = mx.concatenate([_pad_rows(self.store, rows), _pad_rows(other.store, rows)])
         self.fp = mx.concatenate([self.fp, other.fp])
+        if self.centers is not None:
+            count = batch_centers(self.config, rows)
+            self.centers = mx.concatenate([_pad_rows(self.centers, count),
+                                           _pad_rows(other.centers, count)])
+            self.center = mx.concatenate([self.center, other.center])
         self.lengths += other.lengths
         self.window_lengths += other.window_lengths
 
@@ -131,6 +157,9 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         rows = min(self.store.shape[2], store_rows(self.config, max(self.lengths)))
         self.store = _gather(self.store, keep, rows)
         self.fp = _gather(self.fp, keep, self.fp.shape[2])
+        if self.centers is not None:
+            self.centers = _gather(self.centers, keep, batch_centers(self.config, rows))
+            self.center = _gather(self.center, keep, 1)
 
     def extract(self, i: int) -> QuantizedKVCache:
         """Sequence ``i`` as its own ``QuantizedKVCache`` (a copy; the batch is unchanged):
@@ -145,6 +174,12 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
             cache.store[:, :, :n - S] = _gather(self.store, [i], n - S)
         cache._ensure_fp(1, H, D, min(n, S) + min(R, max(0, n - S)))
         cache.fp = _gather(self.fp, [i], cache.fp.shape[2])
+        if self.centers is not None:
+            cache.center = _gather(self.center, [i], 1)
+            if n > S:
+                cache._ensure_centers(1, H, D, n - S)
+                blocks = (n - S) // CENTER_BLOCK + 1
+                cache.centers[:, :, :blocks] = _gather(self.centers, [i], blocks)
         cache.offset, cache.window_length = n, self.window_lengths[i]
         return cache
 
@@ -155,12 +190,15 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         if L != 1 or B != len(self.lengths) or D != self.head_dim:
             raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
                             f"{len(self.lengths)} sequences of head_dim {self.head_dim}")
-        fp_rows, q_rows = self.encode(keys, values)
+        fp_rows, q_rows = self.encode(keys, values, self.center)
         S, R = self.sink, self.recent
         if max(self.lengths) + 1 - S >= self.store.shape[2]:  # keep the scratch row free
             extra = mx.zeros((*self.store.shape[:2], self.config.step, self.store.shape[3]),
                              mx.uint32)
             self.store = mx.concatenate([self.store, extra], axis=2)
+            if self.centers is not None:
+                self.centers = _pad_rows(self.centers,
+                                         batch_centers(self.config, self.store.shape[2]))
         scratch_row, scratch_slot = self.store.shape[2] - 1, S + R
         store_at, fp_at = [], []
         for n in self.lengths:
@@ -171,6 +209,31 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
                                for n, w in zip(self.lengths, self.window_lengths)]
         self.lengths = [n + 1 for n in self.lengths]
+        if self.centers is not None:
+            self._next_centers()
+
+    def _next_centers(self):
+        """Sequences whose step completed a block: the block's own center (its float16
+        keys still in the window) or the next block's from its stored rows, after the
+        write, as ``QuantizedKVCache`` does."""
+        S, R = self.sink, self.recent
+        for i, n in enumerate(self.lengths):
+            rows = n - S
+            if rows <= 0 or rows % CENTER_BLOCK:
+                continue
+            block = rows // CENTER_BLOCK - 1
+            own = None
+            if self.window_lengths[i] >= CENTER_BLOCK:
+                slots = [S + (p - S) % R for p in range(n - CENTER_BLOCK, n)]
+                own = mx.take(self.fp[i:i + 1], mx.array(slots, dtype=mx.int32), axis=2)
+            done = slice(rows - CENTER_BLOCK, rows)
+            center, q_block = self.finish_block(own, self.store[i:i + 1, :, done],
+                                                self.center[i:i + 1])
+            if q_block is not None:
+                self.store[i:i + 1, :, done] = q_block
+                self.centers[i:i + 1, :, block:block + 1] = center
+            self.centers[i:i + 1, :, block + 1:block + 2] = center
+            self.center[i:i + 1] = center
 
 
 def full_precision_nbytes(step: int, heads: int, head_dim: int, itemsize: int,
@@ -254,6 +317,11 @@ class BatchKVCache(_Batch):
         cache.values = _gather(self.values, [i], round_up(n, self.step))
         cache.offset = n
         return cache
+
+
+def _empty_if_none(x, heads: int, head_dim: int):
+    """A sequence's key centers, or none yet: (1, H, 0, D)."""
+    return mx.zeros((1, heads, 0, head_dim), mx.float16) if x is None else x
 
 
 def _pad_rows(x, rows: int):

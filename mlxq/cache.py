@@ -126,7 +126,7 @@ def make_cache(model, config: KVCacheConfig | None = None, *, backend: str | Non
     """One cache per layer of ``model`` (mlx-lm's ``make_prompt_cache``): ``KVCache`` for 16
     bits, ``QuantizedKVCache`` for 8/4. Options as a ``KVCacheConfig`` or as keywords:
     ``kv_bits``, ``kv_group_size``, ``kv_rotation``, ``kv_recent``, ``kv_sink``,
-    ``rotation_seed`` (None = the default). The kernel backend is resolved here, once.
+    ``kv_key_center``, ``rotation_seed`` (None = the default). The kernel backend is resolved here, once.
 
     A model with a ``place_kv_caches(kv_bits, layer_caches)`` method (mlx-lm architectures,
     see mlx_lm_bridge.py) then picks what each layer really gets (sliding-window layers a
@@ -158,7 +158,8 @@ def _layer_caches(model, config: KVCacheConfig, backend) -> list:
 
 
 _OPTION_NAMES = {"kv_bits": "bits", "kv_group_size": "group_size", "kv_rotation": "rotation",
-                 "kv_recent": "recent", "kv_sink": "sink", "rotation_seed": "seed",
+                 "kv_recent": "recent", "kv_sink": "sink", "kv_key_center": "key_center",
+                 "rotation_seed": "seed",
                  "step": "step"}
 
 

@@ -37,18 +37,19 @@ DEFAULT_BATCH = 4
 # A KV format is a KVCacheConfig; the full-precision cache is the reference.
 KVFormat = KVCacheConfig
 FULL_PRECISION = KVCacheConfig(16)
-_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(?:-w(\d+))?(?:-s(\d+))?$")
+_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(-kc)?(?:-w(\d+))?(?:-s(\d+))?$")
 
 
 def parse_format(name: str, seed: int = 0) -> KVCacheConfig:
-    """``int4-g64``, ``int4-g32-rot``, ``int4-g64-rot-w128-s4``, ``int8-g64``, ... (the
-    names the report prints, ``KVCacheConfig.name``)."""
+    """``int4-g64``, ``int4-g32-rot``, ``int4-g64-rot-kc-w128-s4``, ``int8-g64``, ... (the
+    names the report prints, ``KVCacheConfig.name``; ``-kc``: keys centered per block)."""
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
         raise MlxqError(f"bad KV format {name!r}: use "
-                        "int<bits>-g<group>[-rot][-w<recent>][-s<sink>], e.g. int4-g64-rot-w256-s4")
-    return KVCacheConfig(int(m[1]), int(m[2]), m[3] is not None, seed, int(m[4] or 0),
-                         int(m[5] or 0))
+                        "int<bits>-g<group>[-rot][-kc][-w<recent>][-s<sink>], e.g. "
+                        "int4-g64-rot-kc-w256-s4")
+    return KVCacheConfig(int(m[1]), int(m[2]), m[3] is not None, seed, int(m[5] or 0),
+                         int(m[6] or 0), key_center=m[4] is not None)
 
 
 def make_format_caches(model, fmt: KVCacheConfig) -> list:

@@ -247,13 +247,17 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                         "KV cache (default: 4)")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
+    p.add_argument("--no-kv-key-center", action="store_true",
+                   help="no per-block key centering in the quantized KV cache (saves 2*D "
+                        "bytes per 64 tokens per KV head; see docs/quality.md)")
 
 
 def kv_options_from_args(args) -> dict:
     """make_cache's keyword arguments from the --kv-* flags (generate, cache_prompt, server)."""
     return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
             "kv_recent": args.kv_recent, "kv_sink": args.kv_sink,
-            "kv_rotation": not args.no_kv_rotation}
+            "kv_rotation": not args.no_kv_rotation,
+            "kv_key_center": not args.no_kv_key_center}
 
 
 def check_kv_args(args) -> None:
@@ -262,7 +266,8 @@ def check_kv_args(args) -> None:
 
     check_quantized_only([args.kv_bits], **{
         "--kv-group-size": args.kv_group_size, "--kv-recent": args.kv_recent,
-        "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation})
+        "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation,
+        "--no-kv-key-center": args.no_kv_key_center})
     for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
         if n is not None and n < 0:
             raise MlxqError(f"{flag} must be at least 0, got {n}")

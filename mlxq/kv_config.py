@@ -3,7 +3,7 @@
 A config is checked once, when it is made; caches, the attention path, save/load and the
 command lines all read the same object. Defaults for the quantized cache were chosen by
 measurement (docs/quality.md): group 64, a Hadamard rotation per layer, the newest 256
-tokens and the first 4 in float16.
+tokens and the first 4 in float16, keys centered per 64-token block (``key_center``).
 """
 
 from dataclasses import asdict, dataclass
@@ -27,7 +27,9 @@ class KVCacheConfig:
     """bits: 16 (full precision), 8 or 4. The others apply to quantized caches only:
     group_size (elements per scale/bias along head_dim), rotation (randomized Hadamard
     rotation of K/V/Q per layer, signs from ``seed``), recent (newest tokens kept in
-    float16), sink (first tokens kept in float16), step (tokens a buffer grows by)."""
+    float16), sink (first tokens kept in float16), step (tokens a buffer grows by),
+    key_center (quantize each 64-token block of keys minus a float16 per-channel center,
+    the mean of the previous block: ``kernels/kv_layout``)."""
 
     bits: int = 16
     group_size: int = DEFAULT_GROUP_SIZE
@@ -36,6 +38,7 @@ class KVCacheConfig:
     recent: int = DEFAULT_RECENT
     sink: int = DEFAULT_SINK
     step: int = 256
+    key_center: bool = True
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS or not _is_int(self.bits):
@@ -54,6 +57,8 @@ class KVCacheConfig:
             raise MlxqError(f"rotation seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.rotation, bool):
             raise MlxqError(f"kv_rotation must be True or False, got {self.rotation!r}")
+        if not isinstance(self.key_center, bool):
+            raise MlxqError(f"kv_key_center must be True or False, got {self.key_center!r}")
 
     @property
     def quantized(self) -> bool:
@@ -61,10 +66,11 @@ class KVCacheConfig:
 
     @property
     def name(self) -> str:
-        """A short label: ``fp`` or e.g. ``int4-g64-rot-w256-s4``."""
+        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w256-s4``."""
         if not self.quantized:
             return "fp"
         return (f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
+                + ("-kc" if self.key_center else "")
                 + (f"-w{self.recent}" if self.recent else "")
                 + (f"-s{self.sink}" if self.sink else ""))
 

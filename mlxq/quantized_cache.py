@@ -8,6 +8,14 @@ Per layer, two preallocated buffers:
   first tokens (attention sinks, never read from the store), slots [sink, sink + recent) a
   ring of the newest ``recent`` tokens (position p in slot sink + (p - sink) % recent).
 
+With key centering (``config.key_center``, layout in ``kernels/kv_layout``) a third buffer,
+``centers`` (B, Hkv, blocks, D) float16, holds one key center per block of CENTER_BLOCK
+store rows, and ``center`` (B, Hkv, 1, D) the one new rows are written with (what the
+append kernel subtracts). When a block completes, its center is fixed (its own float16
+keys' mean, its 64 rows encoded again; or as written) and the next block's chosen: a few
+ops every CENTER_BLOCK tokens, after that step's writes, none on the other steps. An
+append that crosses a block boundary is written in pieces, one per block.
+
 Attention reads the sink and the window (the newest ``window_length`` tokens) in float16
 and the store rows before the window. A token leaving the window needs no work: its
 quantized row was written when it arrived. So a decode step writes two slice updates (one
@@ -20,7 +28,13 @@ import mlx.core as mx
 
 from .errors import MlxqError
 from .kernels.kv_append import append_rows, reference_append_rows
-from .kernels.kv_layout import fp16_bytes, row_bytes, row_words
+from .kernels.kv_layout import (
+    CENTER_BLOCK,
+    dequantize_rows,
+    fp16_bytes,
+    row_bytes,
+    row_words,
+)
 from .kv_config import KVCacheConfig
 from .rotation import HadamardRotation, random_signs
 
@@ -39,6 +53,12 @@ def store_capacity(config: KVCacheConfig, rows: int) -> int:
 def fp_capacity(config: KVCacheConfig, slots: int) -> int:
     """float16 slots allocated to hold ``slots``: FP_STEP blocks, at most sink + recent."""
     return min(config.sink + config.recent, round_up(slots, FP_STEP))
+
+
+def centers_capacity(config: KVCacheConfig, rows: int) -> int:
+    """Centers allocated once ``rows`` > 0 store rows are written: through the block of the
+    next row, in steps of ``step`` tokens' worth of blocks."""
+    return round_up(rows // CENTER_BLOCK + 1, max(1, config.step // CENTER_BLOCK))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -65,15 +85,43 @@ class QuantizedOptions:
     def recent(self) -> int:
         return self.config.recent
 
-    def encode(self, keys, values):
-        """New keys/values -> (float16 rows, quantized rows), rotated, on the backend."""
+    def encode(self, keys, values, center=None):
+        """New keys/values -> (float16 rows, quantized rows), rotated, on the backend;
+        ``center`` (B, H, 1, D): the key center of their block (None: no centering)."""
         if self.backend == "reference":
             return reference_append_rows(keys, values, self.rotation, self.bits,
-                                         self.group_size)
+                                         self.group_size, center)
         signs = self.signs if self.kernel_rotates else None
         if self.rotation is not None and signs is None:
             keys, values = self.rotation.forward(keys), self.rotation.forward(values)
-        return append_rows(keys, values, signs, self.bits, self.group_size, self.backend)
+        return append_rows(keys, values, signs, self.bits, self.group_size, self.backend,
+                           center)
+
+    def finish_block(self, own, stored, center):
+        """A completed block -> (the next block's center, the block's rows encoded again
+        or None). ``own``: its float16 rows (B, H, CENTER_BLOCK, 2D) if at hand (their key
+        mean becomes the block's own center too), else None; ``stored``: its store rows;
+        ``center``: the center they were written with."""
+        if own is None:
+            return self.block_center(stored, center), None
+        D = self.head_dim
+        k16 = own[..., :D]
+        mean = k16.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        return mean, self.encode_rotated(k16, own[..., D:], mean)[1]
+
+    def encode_rotated(self, k16, v16, center):
+        """Quantized rows (B, H, n, ROW) of float16 keys/values already rotated (the
+        window's rows), keys minus ``center``: a block encoded again with its own center."""
+        if self.backend == "reference":
+            return reference_append_rows(k16, v16, None, self.bits, self.group_size, center)
+        return append_rows(k16, v16, None, self.bits, self.group_size, self.backend, center)
+
+    def block_center(self, rows, center):
+        """The next block's key center (B, H, 1, D) float16: the mean of a completed block's
+        keys as stored, from its ``rows`` (B, H, CENTER_BLOCK, ROW) and ``center``."""
+        keys, _ = dequantize_rows(rows, self.head_dim, self.bits, self.group_size)
+        return (keys.mean(axis=2, keepdims=True)
+                + center.astype(mx.float32)).astype(mx.float16)
 
 
 class QuantizedKVCache(QuantizedOptions):
@@ -92,6 +140,8 @@ class QuantizedKVCache(QuantizedOptions):
     def _clear(self):
         self.store = None
         self.fp = None
+        self.centers = None    # key centers per store block (config.key_center)
+        self.center = None     # the current block's, (B, H, 1, D)
         self.offset = 0
         self.window_length = 0
         self.head_dim = None
@@ -137,9 +187,64 @@ class QuantizedKVCache(QuantizedOptions):
         if values.shape != keys.shape or D != self.head_dim:
             raise MlxqError(f"the quantized KV cache needs keys and values of one head_dim "
                             f"({self.head_dim}), got {keys.shape} and {values.shape}")
-        fp_rows, q_rows = self.encode(keys, values)
-        self._write(fp_rows, q_rows, B, H, D)
-        return fp_rows
+        if not self.config.key_center:
+            fp_rows, q_rows = self.encode(keys, values)
+            self._write(fp_rows, q_rows, B, H, D)
+            return fp_rows
+        # One piece per center block (the sink's tokens go with the first).
+        pieces, start = [], 0
+        while start < L:
+            row = self.offset - self.sink  # the next store row (< 0: in the sink)
+            stop = min(L, start + CENTER_BLOCK * (1 + max(row, 0) // CENTER_BLOCK) - row)
+            if self.center is None:
+                self.center = mx.zeros((B, H, 1, D), mx.float16)
+            whole = start == 0 and stop == L
+            fp_rows, q_rows = self.encode(
+                keys if whole else keys[:, :, start:stop],
+                values if whole else values[:, :, start:stop], self.center)
+            first = self.offset  # the piece's first position
+            self._write(fp_rows, q_rows, B, H, D)
+            self._finish_block_if_done(fp_rows, q_rows, first, more=stop < L)
+            pieces.append(fp_rows)
+            start = stop
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
+
+    def _finish_block_if_done(self, fp_rows, q_rows, first: int, more: bool):
+        """After a piece (positions [first, offset)) is written: if it completed a block,
+        that block's center becomes the mean of its float16 keys and its rows are encoded
+        again with it, when those keys are at hand (in the piece, or all still in the
+        window); the next block starts from the same center. Otherwise the block keeps the
+        center it was written with, and the next block starts from the mean of its keys as
+        stored (evaluated at once if another piece will write the store, so that this read
+        does not make the write copy it)."""
+        rows = self.offset - self.sink
+        if rows <= 0 or rows % CENTER_BLOCK:
+            return
+        block = rows // CENTER_BLOCK - 1  # the block just completed
+        start = self.sink + block * CENTER_BLOCK  # its first position
+        if start >= first:  # all in this piece
+            own = fp_rows[:, :, start - first:]
+        elif start >= self.offset - self.window_length:  # all in the window's ring
+            slots = [self.sink + (p - self.sink) % self.recent
+                     for p in range(start, self.offset)]
+            own = mx.take(self.fp, mx.array(slots, dtype=mx.int32), axis=2)
+        else:
+            own = None
+        self.center, q_block = self.finish_block(
+            own, self.store[:, :, rows - CENTER_BLOCK:rows], self.center)
+        if q_block is not None:
+            self.store[:, :, rows - CENTER_BLOCK:rows] = q_block
+            self.centers[:, :, block:block + 1] = self.center
+        elif more:
+            mx.eval(self.center)
+        self.centers[:, :, block + 1:block + 2] = self.center
+
+    def _ensure_centers(self, B, H, D, rows):
+        have = 0 if self.centers is None else self.centers.shape[2]
+        if rows // CENTER_BLOCK < have:
+            return
+        extra = mx.zeros((B, H, centers_capacity(self.config, rows) - have, D), mx.float16)
+        self.centers = extra if self.centers is None else mx.concatenate([self.centers, extra], 2)
 
     def _write(self, fp_rows, q_rows, B, H, D):
         p0, L = self.offset, fp_rows.shape[2]
@@ -151,6 +256,8 @@ class QuantizedKVCache(QuantizedOptions):
         if n > S:  # the store: rows [max(p0, S) - S, n - S)
             first = max(p0, S)
             self._ensure_store(B, H, D, n - S)
+            if self.config.key_center:
+                self._ensure_centers(B, H, D, n - S)
             self.store[:, :, first - S:n - S] = q_rows[:, :, first - p0:]
         if R and n > S:  # the ring: the newest min(R, n - S) tokens, split at the wrap
             first = max(p0, S, n - R)
@@ -191,7 +298,18 @@ class QuantizedKVCache(QuantizedOptions):
         n = max(0, min(self.offset, n))
         self.offset -= n
         self.window_length = max(0, min(self.window_length - n, self.offset - self.sink))
+        self._restore_center()
         return n
+
+    def _restore_center(self):
+        """``center`` from ``centers`` for the block the next token goes to (after a trim
+        or a load); centers of later blocks are recomputed as their blocks start."""
+        if self.centers is None:
+            self.center = None
+            return
+        block = max(0, self.offset - self.sink) // CENTER_BLOCK
+        # A gather, not a slice: a buffer of its own (the append kernel reads it each step).
+        self.center = mx.take(self.centers, mx.array([block], dtype=mx.int32), axis=2)
 
     def empty(self) -> bool:
         return self.offset == 0 and self.store is None and self.fp is None
@@ -199,7 +317,7 @@ class QuantizedKVCache(QuantizedOptions):
     @property
     def nbytes(self) -> int:
         """Bytes of the allocated buffers (capacity, not just the stored tokens)."""
-        return sum(x.nbytes for x in (self.store, self.fp) if x is not None)
+        return sum(x.nbytes for x in (self.store, self.fp, self.centers) if x is not None)
 
     @property
     def fp16_nbytes(self) -> int:
@@ -220,6 +338,10 @@ class QuantizedKVCache(QuantizedOptions):
             state["fp"] = self.fp[:, :, :self.ring_slots]
         if self.offset > self.sink:
             state["store"] = self.store[:, :, :self.offset - self.sink]
+            if self.centers is not None:
+                # Through the block the next token goes to (its center is known).
+                state["centers"] = self.centers[:, :, :(self.offset - self.sink)
+                                                // CENTER_BLOCK + 1]
         return state
 
     @state.setter
@@ -228,11 +350,14 @@ class QuantizedKVCache(QuantizedOptions):
         self._clear()
         if not value:
             return
-        if not isinstance(value, dict) or not set(value) <= {"fp", "store"}:
+        if not isinstance(value, dict) or not set(value) <= {"fp", "store", "centers"} \
+                or ("centers" in value) != (self.config.key_center and "store" in value):
             raise MlxqError("this saved cache has an older int4/int8 layout; save it again")
         self.fp, self.store = value.get("fp"), value.get("store")
+        self.centers = value.get("centers")
         self._setup(head_dim)
         self.offset, self.window_length = offset, window
+        self._restore_center()
 
     @property
     def meta_state(self):
@@ -261,5 +386,8 @@ def quantized_nbytes(config: KVCacheConfig, heads: int, head_dim: int, tokens: i
     S, R = config.sink, config.recent
     rows = store_capacity(config, max(0, tokens - S))
     slots = fp_capacity(config, min(tokens, S) + min(R, max(0, tokens - S)))
+    centers = (centers_capacity(config, tokens - S)
+               if config.key_center and tokens > S else 0)
     return (heads * rows * row_bytes(head_dim, config.bits, config.group_size)
-            + fp16_bytes(1, heads, slots, head_dim, head_dim))
+            + fp16_bytes(1, heads, slots, head_dim, head_dim)
+            + heads * centers * head_dim * 2)

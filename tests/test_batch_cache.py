@@ -121,7 +121,7 @@ def _same_cache(got, want):
     """The same stored tokens, lengths and buffer capacities."""
     assert (got.offset, got.window_length, got.head_dim) == \
         (want.offset, want.window_length, want.head_dim)
-    for name in ("store", "fp"):
+    for name in ("store", "fp", "centers"):
         a, b = getattr(got, name), getattr(want, name)
         assert (a is None) == (b is None), name
         if a is not None:
@@ -130,15 +130,18 @@ def _same_cache(got, want):
         np.testing.assert_array_equal(np.asarray(got.state[name]), np.asarray(value), name)
 
 
-@pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3)])
+@pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3),
+                                    KVCacheConfig(4, 32, recent=70, sink=2)])
 def test_extract_equals_the_sequence_appended_alone(config):
-    """Sequences of 1, 5, 20 tokens (+ one that joins later, and one that leaves) get the
+    """Sequences of 1, 5, 60 tokens (+ one that joins later, and one that leaves) get the
     same tokens appended in a batch and alone: ``extract`` gives back exactly the cache
-    decoded alone (rows, float16 slots, lengths, capacities)."""
+    decoded alone (rows, float16 slots, key centers, lengths, capacities). A key-center
+    block completes in the batch: from the stored rows (short windows) or from the
+    window's float16 keys (recent 70)."""
     from mlxq.quantized_cache import QuantizedKVCache
 
     rng = np.random.default_rng(2)
-    prompts = [_keys(rng, n) for n in (1, 5, 20, 9)]
+    prompts = [_keys(rng, n) for n in (1, 5, 60, 9)]  # 60: completes a key-center block
 
     def prefilled(keys_values):
         cache = QuantizedKVCache(config, layer_index=1)
@@ -158,7 +161,7 @@ def test_extract_equals_the_sequence_appended_alone(config):
         batch.append(k, v)
         for i, cache in enumerate(alone):
             cache.append(k[i:i + 1], v[i:i + 1])
-    assert batch.lengths == [c.offset for c in alone] == [15, 34, 19]
+    assert batch.lengths == [c.offset for c in alone] == [15, 74, 19]
     for i, cache in enumerate(alone):
         _same_cache(batch.extract(i), cache)
 

@@ -31,7 +31,7 @@ READ_BUDGET = {"int4": 0.45, "int4_r0s0": 0.35}
 # Written beyond the fp16 step: the new token's rows and the attention partials of the
 # launch plan, nothing else (before the fused step the window was converted to float32
 # every step, ~20x fp16's writes). (store rows, fp16 slots) read at CONTEXT:
-READ_SEGMENTS = {"int4": (CONTEXT - 260, 260), "int4_r0s0": (CONTEXT, 0)}
+READ_SEGMENTS = {"int4": (CONTEXT - 260, 260), "int4_r0s0": (CONTEXT - 1, 0)}
 
 CONFIGS = {key: options for key, _, options in decode_step.CACHES}
 
@@ -44,7 +44,7 @@ def steps():
         model = decode_step.lazy_model(decode_step.MODELS["default"], LAYERS)
         with tracing_metal():
             caches = decode_step.make_caches(model, options)
-            decode_step.prefill(model, caches, CONTEXT - 1)
+            decode_step.prefill(model, caches, decode_step.steady_prefill(CONTEXT, options))
             graph = step_graph.decode_step_graph(model, caches)
         out[key] = step_graph.per_layer(graph, LAYERS)
     return out
@@ -113,6 +113,32 @@ def test_step_graph_copies_no_cache_buffer(steps, key):
     assert copies["whole"] == 0 and copies["at_risk"] == 0, steps[key]["copy_details"]
     # Nor any part of one copied or converted (the window in float32 was, before).
     assert copies["slice"] == 0, steps[key]["copy_details"]
+
+
+@pytest.mark.parametrize("key,extra_budget", [("int4", 14), ("int4_r0s0", 34)])
+def test_block_completing_step_copies_no_cache_buffer(steps, key, extra_budget):
+    """The step that completes a key-center block (1 in 64) also fixes its center: with
+    the default window, the block's float16 keys are gathered from the ring and encoded
+    again (a second append launch); without one, the next center comes from the stored
+    rows. Either way nothing copies the store or the ring, and the work stays bounded."""
+    from mlxq.kernels.kv_layout import CENTER_BLOCK
+
+    options = CONFIGS[key]
+    sink = 0 if options.get("kv_sink") == 0 else 4
+    stored = CONTEXT + CENTER_BLOCK - (CONTEXT - sink) % CENTER_BLOCK - 1  # the step completes it
+    model = decode_step.lazy_model(decode_step.MODELS["default"], LAYERS)
+    with tracing_metal():
+        caches = decode_step.make_caches(model, options)
+        decode_step.prefill(model, caches, stored)
+        assert (caches[0].offset + 1 - sink) % CENTER_BLOCK == 0
+        graph = step_graph.decode_step_graph(model, caches)
+    s = step_graph.per_layer(graph, LAYERS)
+    bad = [c for c in graph.copies if c["kind"] in ("whole", "at_risk")
+           and c["buffer"].rsplit(".", 1)[-1] in ("store", "fp")]
+    assert not bad, bad
+    assert s["dispatches"] - steps[key]["dispatches"] <= extra_budget, s["by_kind"]
+    if key == "int4":
+        assert s["by_kind"]["kernel:mlxq_kv_append"] == 2
 
 
 # --- the CPU check: real decode steps, buffer addresses --------------------------------------

@@ -31,6 +31,27 @@ def test_unrotated_rows_equal_the_oracle_bit_for_bit(bits, gs, D, dtype):
     assert mx.array_equal(fp, fp_ref) and mx.array_equal(q, q_ref)
 
 
+@pytest.mark.parametrize("bits,gs,D", [(4, 64, 64), (8, 32, 128), (4, 128, 256)])
+def test_centered_keys_equal_the_oracle_bit_for_bit(bits, gs, D):
+    """Keys quantized minus one center per (sequence, KV head), shared by its new tokens
+    (5 here, so a kernel that indexed the center per token would read the wrong one); the
+    float16 rows keep the keys themselves; values are untouched."""
+    keys, values = _inputs((2, 3, 5, D), D + 1)
+    center = (10 * mx.random.normal((2, 3, 1, D), key=mx.random.key(D))).astype(mx.float16)
+    fp, q = append_rows(keys, values, None, bits, gs, "emulate", center)
+    fp_ref, q_ref = reference_append_rows(keys, values, None, bits, gs, center)
+    assert mx.array_equal(fp, fp_ref) and mx.array_equal(q, q_ref)
+    fp_plain, q_plain = reference_append_rows(keys, values, None, bits, gs)
+    assert mx.array_equal(fp, fp_plain)
+    (kc, _, _), (vc, _, _) = unpack_rows(q, D, bits, gs)
+    (kp, _, _), (vp, _, _) = unpack_rows(q_plain, D, bits, gs)
+    assert mx.array_equal(vc, vp) and not mx.array_equal(kc, kp)
+    # Read back plus the center, the keys are as close as quantization allows.
+    k_back = dequantize_rows(q, D, bits, gs)[0] + center.astype(mx.float32)
+    step = float(mx.abs(keys).max()) / (2 ** bits - 1) * 2
+    assert float(mx.abs(k_back - keys.astype(mx.float16).astype(mx.float32)).max()) < step
+
+
 @pytest.mark.parametrize("bits,gs,D", [(4, 64, 64), (4, 32, 128), (8, 64, 256)])
 def test_rotated_rows_match_the_oracle(bits, gs, D):
     keys, values = _inputs((1, 4, 3, D), D)

@@ -20,7 +20,7 @@ from mlxq.kernels.decode_attention import (
     segmented_decode_attention,
 )
 from mlxq.kernels.kv_append import reference_append_rows
-from mlxq.kernels.kv_layout import row_bytes, row_words
+from mlxq.kernels.kv_layout import CENTER_BLOCK, row_bytes, row_words
 from mlxq.kernels.segmented_attention import cache_segments, segmented_attention
 from mlxq.rotation import HadamardRotation, random_signs
 
@@ -65,22 +65,31 @@ def _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity=F
     return store, fp
 
 
-def _run(case, seed=0, exact_capacity=False, sinks=None):
+def _random_centers(B, Hkv, D, lens, sink, seed):
+    """Key centers for every block of the store (+ one): large and different per block,
+    so a score that takes a wrong block's center (or none) moves the softmax."""
+    blocks = max(max(0, n - sink) for n, _ in lens) // CENTER_BLOCK + 2
+    return (2 * mx.random.normal((B, Hkv, blocks, D), key=mx.random.key(50 + seed))
+            ).astype(mx.float16)
+
+
+def _run(case, seed=0, exact_capacity=False, sinks=None, centers=False):
     B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case
     key = mx.random.key(seed)
     store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity)
+    centers = _random_centers(B, Hkv, D, lens, sink, seed) if centers else None
     # Scaled-up queries give peaked softmax weights, so a wrong key index shows.
     q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=mx.random.split(key)[1])
     scale = 1 / math.sqrt(D)
     signs = mx.array(random_signs(D, 7, 1)) if rotate else None
     out = segmented_decode_attention(q, store, fp, lens, sink, recent, scale, bits, gs,
-                                     signs, "emulate", sinks=sinks)
+                                     signs, "emulate", sinks=sinks, centers=centers)
     rot = HadamardRotation(D, 7, 1) if rotate else None
     q_rot = rot.forward(q) if rot else q
     positions = mx.array([[n - Lq + t for t in range(Lq)] for n, _ in lens], dtype=mx.int32)
     ref = segmented_attention(q_rot, positions,
-                              cache_segments(store, fp, lens, sink, recent, D, bits, gs), scale,
-                              sinks=sinks)
+                              cache_segments(store, fp, lens, sink, recent, D, bits, gs,
+                                             centers), scale, sinks=sinks)
     return out, rot.inverse(ref) if rot else ref
 
 
@@ -100,6 +109,27 @@ def test_kernel_matches_oracle(case):
     assert out.shape == ref.shape and out.dtype == mx.float32
     assert np.isfinite(np.asarray(out)).all()
     assert _rel_err(out, ref) < 2e-4
+
+
+# Key centers (kv_layout): one per 64 store rows, added to every key's score in the block.
+CENTER_CASES = [
+    (1, 1, 64, 8, 1, 4, 32, 4, 64, [(1000, 64)], True),        # GQA 8, many blocks, LPK 1
+    (2, 3, 128, 6, 1, 4, 128, 4, 16, [(233, 16), (150, 16)], True),  # batch 2, own lengths
+    (1, 4, 256, 2, 2, 4, 64, 4, 32, [(300, 32)], True),        # head_dim 256
+    (1, 2, 64, 4, 1, 8, 64, 2, 8, [(200, 8)], True),           # int8
+    (2, 1, 96, 3, 1, 4, 32, 4, 16, [(129, 16), (70, 9)], False),  # head_dim 96, no rotation
+    (1, 1, 128, 4, 2, 4, 64, 4, 256, [(8200, 256)], True),     # long: 8K+
+    (1, 1, 64, 3, 3, 4, 64, 4, 256, [(1024, 256)], True),      # the default model at 1K
+]
+
+
+@pytest.mark.parametrize("case", CENTER_CASES, ids=_case_id)
+def test_kernel_with_key_centers_matches_oracle(case):
+    out, ref = _run(case, seed=3, centers=True)
+    assert np.isfinite(np.asarray(out)).all()
+    assert _rel_err(out, ref) < 2e-4
+    plain, _ = _run(case, seed=3)
+    assert _rel_err(out, plain) > 0.05  # the centers matter: a kernel ignoring them fails
 
 
 # Learned attention sinks (gpt_oss): one logit per query head, merged once after all blocks.

@@ -99,10 +99,11 @@ def test_int4_store_is_028_of_fp16():
         attend(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), fp16, SCALE)
     assert q4.offset == fp16.offset == 302 and q4.store.shape[2] == fp16.capacity == 512
     assert q4.fp16_nbytes == fp16.nbytes
-    assert q4.nbytes == pytest.approx(4.5 / 16 * fp16.nbytes)
+    # int4 with group 64 is 4.5 bits a value; the key centers add 2 bytes a token (of 256).
+    assert q4.nbytes == pytest.approx((4.5 / 16 + 1 / 128) * fp16.nbytes)
     q8 = _cache(bits=8, group_size=32)
     attend(*_qkv(10, 1), q8, SCALE)
-    assert q8.nbytes == pytest.approx(9 / 16 * q8.fp16_nbytes)
+    assert q8.nbytes == pytest.approx((9 / 16 + 1 / 128) * q8.fp16_nbytes)
 
 
 def test_buffers_grow_in_steps_and_the_window_by_what_it_holds():
@@ -117,13 +118,23 @@ def test_buffers_grow_in_steps_and_the_window_by_what_it_holds():
 
 # --- what attention sees -----------------------------------------------------------------
 class Shadow:
-    """Every token as the cache should hold it: rotated float16, and dequantized."""
+    """Every token as the cache should hold it: rotated float16, and dequantized (keys of
+    each 64-row block of the store quantized minus the previous block's mean as stored)."""
 
     def __init__(self, cache):
         self.c = cache
         self.fp = []     # per token: (k, v) float32 of the float16 rotated value
         self.deq = []
         self.window = 0  # newest tokens read in float16
+        self.center = mx.zeros((B, HKV, 1, D), mx.float32)  # the current block's key center
+        self.block = []  # the current block's keys as stored, less its center
+
+    def _dequantized(self, x):
+        # scale * code + bias in float32 from their stored float16, as the kernels compute it
+        c = self.c
+        codes, scales, biases = mx.quantize(x, group_size=c.group_size, bits=c.bits)
+        scales, biases = (y.astype(mx.float16).astype(mx.float32) for y in (scales, biases))
+        return mx.dequantize(codes, scales, biases, group_size=c.group_size, bits=c.bits)
 
     def add(self, k, v):
         c = self.c
@@ -133,16 +144,38 @@ class Shadow:
         if rot is not None:
             k, v = rot.forward(k), rot.forward(v)
         k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
-        dq = []
-        for x in (k16, v16):  # scale * code + bias in float32, as the kernels compute it
-            codes, scales, biases = mx.quantize(x, group_size=c.group_size, bits=c.bits)
-            dq.append(mx.dequantize(codes, scales.astype(mx.float32), biases.astype(mx.float32),
-                                    group_size=c.group_size, bits=c.bits))
+        first = len(self.fp)  # the chunk's first position
         for t in range(k.shape[2]):
-            self.fp.append((k16[:, :, t].astype(mx.float32), v16[:, :, t].astype(mx.float32)))
-            self.deq.append((dq[0][:, :, t], dq[1][:, :, t]))
+            row = len(self.fp) - c.sink  # the token's store row (< 0: in the sink)
+            kt, vt = k16[:, :, t:t + 1], v16[:, :, t:t + 1]
+            center = self.center if row >= 0 else mx.zeros(kt.shape, mx.float32)
+            dk = self._dequantized(kt.astype(mx.float32) - center)
+            self.fp.append((kt[:, :, 0].astype(mx.float32), vt[:, :, 0].astype(mx.float32)))
+            self.deq.append(((dk + center)[:, :, 0], self._dequantized(vt)[:, :, 0]))
+            if c.config.key_center and row >= 0:
+                self.block.append(dk)
+                if len(self.block) == 64:
+                    self._finish_block(first)
         self.window = min(c.recent, self.window + k.shape[2], max(0, len(self.fp) - c.sink))
         return rot
+
+    def _finish_block(self, first):
+        """A block is complete: with its float16 keys at hand (all in this chunk, or all in
+        the window as it is now), its own mean becomes its center and it is quantized
+        again; else the next center is its mean as stored."""
+        c = self.c
+        n, start = len(self.fp), len(self.fp) - 64
+        window = min(c.recent, self.window + n - first, max(0, n - c.sink))
+        if start >= first or window >= 64:
+            keys = mx.stack([self.fp[p][0] for p in range(start, n)], axis=2)
+            self.center = keys.mean(axis=2, keepdims=True).astype(mx.float16).astype(mx.float32)
+            for p in range(start, n):
+                dk = self._dequantized(self.fp[p][0][:, :, None] - self.center)
+                self.deq[p] = ((dk + self.center)[:, :, 0], self.deq[p][1])
+        else:
+            mean = mx.concatenate(self.block, axis=2).mean(axis=2, keepdims=True)
+            self.center = (mean + self.center).astype(mx.float16).astype(mx.float32)
+        self.block = []
 
     def expected(self, q, L, rot):
         n, S = len(self.fp), self.c.sink
@@ -157,7 +190,7 @@ class Shadow:
 
 
 STEPS = [(10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)] + [(1, s) for s in range(7, 40)] \
-    + [(40, 40), (1, 41), (2, 42)]
+    + [(40, 40), (1, 41), (2, 42), (70, 43), (1, 44)]  # key-center blocks end mid-chunk
 
 
 @pytest.mark.parametrize("backend,options", [
@@ -167,6 +200,7 @@ STEPS = [(10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)] + [(1, s) for s in ra
     ("emulate", {"recent": 16, "sink": 3, "rotation": True}),
     ("emulate", {"recent": 5, "sink": 0, "group_size": 32}),
     ("emulate", {"recent": 0, "sink": 2}),
+    ("emulate", {"recent": 16, "sink": 3, "rotation": True, "key_center": False}),
 ])
 def test_each_step_attends_float16_sink_and_window_and_int4_rest(backend, options):
     cache = _cache(backend, **options)

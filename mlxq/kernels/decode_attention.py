@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..backend import metal_kernel
 from ..kernel_source import read_kernel_source
-from .kv_layout import row_bytes
+from .kv_layout import center_blocks, row_bytes
 
 MAX_QUERY_TOKENS = 8
 SIMDGROUPS = 4                 # NSG: simdgroups per threadgroup (separate key steps)
@@ -71,7 +71,7 @@ def _attention_kernel(backend: str):
     return metal_kernel(
         backend=backend,
         name="mlxq_segmented_decode_attention",
-        input_names=["queries", "store", "fp", "signs", "lens", "params", "scale"],
+        input_names=["queries", "store", "fp", "centers", "signs", "lens", "params", "scale"],
         output_names=["o_part", "ml_part"],
         header=read_kernel_source("hadamard.h"),
         source=read_kernel_source("segmented_decode_attention.metal"),
@@ -91,13 +91,14 @@ def _merge_kernel(backend: str):
 
 
 def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bits,
-                               group_size, signs, backend, sinks=None):
+                               group_size, signs, backend, sinks=None, centers=None):
     """Causal attention of ``queries`` (B, Hq, Lq<=8, D) over the cache's segments.
 
     store: (B, Hkv, cap, ROW) uint32 whole buffer; fp: (B, Hkv, fcap, 2D) float16 whole
     buffer; lens: list of (tokens, window tokens) per sequence; sink: the cache's float16
     first tokens; signs: (D,) float32 of the rotation applied in-kernel, or None; sinks:
-    (Hq,) learned sink logits (gpt_oss; the merge adds them), or None. Returns (B, Hq, Lq,
+    (Hq,) learned sink logits (gpt_oss; the merge adds them), or None; centers: (B, Hkv,
+    blocks, D) float16 key centers of the store (kv_layout), or None. Returns (B, Hq, Lq,
     D) in the queries' dtype."""
     B, Hq, Lq, D = queries.shape
     Hkv, cap = store.shape[1], store.shape[2]
@@ -114,14 +115,17 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
     rows = B * Hq * Lq
     signs_in = signs if signs is not None else mx.zeros((1,), mx.float32)
     params = mx.array([cap, fcap, sink, recent, p.block, p.store_blocks, p.n_blocks,
-                       p.row_chunks, Hkv], dtype=mx.int32)
+                       p.row_chunks, Hkv, 0 if centers is None else centers.shape[2]],
+                      dtype=mx.int32)
     nt = 32 * SIMDGROUPS
     o_part, ml_part = _attention_kernel(backend)(
-        inputs=[queries, store, fp, signs_in, mx.array(lens, dtype=mx.int32), params,
-                mx.array([scale], dtype=mx.float32)],
+        inputs=[queries, store, fp,
+                centers if centers is not None else mx.zeros((1,), mx.float16), signs_in,
+                mx.array(lens, dtype=mx.int32), params, mx.array([scale], dtype=mx.float32)],
         template=[("T", queries.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
                   ("G", Hq // Hkv), ("LQ", Lq), ("RT", p.rows_per_tg), ("NSG", SIMDGROUPS),
-                  ("LPK", p.lanes_per_key), ("ROTATE", signs is not None)],
+                  ("LPK", p.lanes_per_key), ("ROTATE", signs is not None),
+                  ("CENTER", centers is not None)],
         grid=(p.n_blocks * nt, Hkv, B * p.row_chunks),
         threadgroup=(nt, 1, 1),
         output_shapes=[(rows, p.n_blocks, D), (rows, p.n_blocks, 2)],
@@ -141,8 +145,11 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
     return out
 
 
-def bytes_read(batch, kv_heads, store_rows, fp_slots, head_dim, bits, group_size) -> int:
+def bytes_read(batch, kv_heads, store_rows, fp_slots, head_dim, bits, group_size,
+               key_center: bool = False) -> int:
     """Cache bytes pass 1 reads per step: store rows (K and V codes, scales, biases) plus
-    float16 K and V of the sink and window slots."""
+    float16 K and V of the sink and window slots (plus the store's key centers)."""
     per_head = store_rows * row_bytes(head_dim, bits, group_size) + fp_slots * 4 * head_dim
+    if key_center:
+        per_head += center_blocks(store_rows) * 2 * head_dim
     return batch * kv_heads * per_head

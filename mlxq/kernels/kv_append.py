@@ -5,7 +5,9 @@ cache stores (``fp_rows`` for its float16 sink/window buffer, ``q_rows`` for its
 store; layouts in ``kv_layout``) with one kernel launch (metal/kv_append.metal) on the kernel
 backends. ``reference_append_rows`` is the oracle: MLX's Hadamard transform, a float16
 cast and ``mx.quantize``; the kernel matches it up to float rounding order in the rotation
-(bit for bit without rotation).
+(bit for bit without rotation). With a key ``center`` (one per sequence and KV head, shared
+by the new tokens: they are in one center block) the keys are quantized minus it, in
+float32 after the float16 rounding; the float16 rows keep the keys themselves.
 """
 
 import functools
@@ -24,27 +26,30 @@ def _kernel(backend: str):
     return metal_kernel(
         backend=backend,
         name="mlxq_kv_append",
-        input_names=["keys", "values", "signs"],
+        input_names=["keys", "values", "signs", "center", "tokens"],
         output_names=["fp_rows", "q_rows"],
         header=read_kernel_source("hadamard.h"),
         source=read_kernel_source("kv_append.metal"),
     )
 
 
-def reference_append_rows(keys, values, rotation, bits: int, group_size: int):
+def reference_append_rows(keys, values, rotation, bits: int, group_size: int, center=None):
     """(fp_rows (..., 2D) float16, q_rows (..., ROW) uint32) with plain MLX ops.
-    ``rotation``: None or an object with ``forward(x)`` (x @ R)."""
+    ``rotation``: None or an object with ``forward(x)`` (x @ R); ``center``: None or
+    (B, H, 1, D) float16 subtracted from the keys (B, H, L, D) before quantizing."""
     if rotation is not None:
         keys, values = rotation.forward(keys), rotation.forward(values)
     k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
-    q_rows = pack_rows(mx.quantize(k16, group_size=group_size, bits=bits),
+    k_in = k16 if center is None else k16.astype(mx.float32) - center.astype(mx.float32)
+    q_rows = pack_rows(mx.quantize(k_in, group_size=group_size, bits=bits),
                        mx.quantize(v16, group_size=group_size, bits=bits))
     return mx.concatenate([k16, v16], axis=-1), q_rows
 
 
-def append_rows(keys, values, signs, bits: int, group_size: int, backend: str):
+def append_rows(keys, values, signs, bits: int, group_size: int, backend: str, center=None):
     """Kernel version of ``reference_append_rows`` with the rotation given by its ``signs``
-    (D,) float32 (None: no rotation). keys/values (..., D), D a power of two if rotated."""
+    (D,) float32 (None: no rotation). keys/values (..., D), D a power of two if rotated;
+    ``center`` as there (keys then (B, H, L, D))."""
     if keys.shape != values.shape:
         raise ValueError(f"keys {keys.shape} and values {values.shape} must have one shape")
     *lead, D = keys.shape
@@ -53,10 +58,14 @@ def append_rows(keys, values, signs, bits: int, group_size: int, backend: str):
     if values.dtype != keys.dtype:
         values = values.astype(keys.dtype)
     rows = keys.size // D
+    if center is not None:
+        center = center.astype(mx.float16)
     fp_rows, q_rows = _kernel(backend)(
-        inputs=[keys, values, signs if signs is not None else mx.zeros((1,), mx.float32)],
+        inputs=[keys, values, signs if signs is not None else mx.zeros((1,), mx.float32),
+                center if center is not None else mx.zeros((1,), mx.float16),
+                mx.array([keys.shape[-2] if center is not None else 1], dtype=mx.int32)],
         template=[("T", keys.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("ROTATE", signs is not None)],
+                  ("ROTATE", signs is not None), ("CENTER", center is not None)],
         grid=(rows * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=[(*lead, 2 * D), (*lead, row_words(D, bits, group_size))],

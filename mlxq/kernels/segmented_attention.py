@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .kv_layout import dequantize_rows
+from .kv_layout import add_key_centers, dequantize_rows
 
 MAX_BLOCK_BYTES = 8 * 1024 * 1024  # float32 scores + dequantized K/V of one block, at most
 MIN_BLOCK, MAX_BLOCK = 64, 4096
@@ -42,13 +42,15 @@ class QuantSegment:
     positions: mx.array  # (B or 1, count) int32
     bits: int
     group_size: int
+    centers: mx.array | None = None  # (B, Hkv, blocks, D) float16 key centers, or None
 
 
 def cache_segments(store, fp, lens, sink: int, recent: int, head_dim: int, bits: int,
-                   group_size: int) -> list:
+                   group_size: int, centers=None) -> list:
     """The segments of an int4/int8 cache (layout in quantized_cache.py): ``store`` rows,
     ``fp`` slots (sink, then the ring of the newest tokens), ``lens`` = [(tokens, window
-    tokens)] per sequence (sequences may differ). Exactly what the fused kernel reads."""
+    tokens)] per sequence (sequences may differ), ``centers`` the store's key centers (or
+    None). Exactly what the fused kernel reads."""
     D = head_dim
     n = mx.array([t for t, _ in lens], dtype=mx.int32)[:, None]
     n_w = mx.array([w for _, w in lens], dtype=mx.int32)[:, None]
@@ -57,7 +59,7 @@ def cache_segments(store, fp, lens, sink: int, recent: int, head_dim: int, bits:
     if store_rows:
         i = mx.arange(store_rows, dtype=mx.int32)[None]
         pos = mx.where(i < n - sink - n_w, sink + i, -1)
-        segments.append(QuantSegment(store, store_rows, pos, bits, group_size))
+        segments.append(QuantSegment(store, store_rows, pos, bits, group_size, centers))
     slots = 0 if fp is None else min(fp.shape[2], sink + recent)
     if slots:
         j = mx.arange(slots, dtype=mx.int32)[None]
@@ -105,6 +107,8 @@ def segmented_attention(queries, q_positions, segments, scale, block=None, sinks
             if isinstance(seg, QuantSegment):
                 (rows,) = mx.depends([seg.rows[:, :, start:stop]], list(state))
                 k, v = dequantize_rows(rows, D, seg.bits, seg.group_size)
+                if seg.centers is not None:
+                    k = add_key_centers(k, seg.centers, start)
             else:
                 k, v = mx.depends([seg.keys[:, :, start:stop], seg.values[:, :, start:stop]],
                                   list(state))

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import cache_fp16_nbytes, cache_nbytes, config_from_options, make_cache
+from .cache import (
+    cache_device_nbytes,
+    cache_fp16_nbytes,
+    cache_nbytes,
+    config_from_options,
+    make_cache,
+)
 from .errors import ArgumentParser, MlxqError, cli_main
 from .prompt import check_token_ids, encode_prompt, is_utf8_text, read_prompt_stdin
 from .sampling import make_sampler
@@ -39,6 +45,9 @@ class GenerationResponse:
     kv_fp16_nbytes: int | None  # what an fp16 cache of the same capacity would take
     finish_reason: str | None  # None while streaming, then "stop" (EOS) or "length"
     prompt_cached_tokens: int = 0  # prompt tokens taken from a prompt cache, not computed
+    # kv_nbytes with full-precision caches weighed as float16 (what a GPU holds; the CPU
+    # computes in float32): the numerator of the printed ratio
+    kv_device_nbytes: int | None = None
 
 
 def context_length(model) -> int | None:
@@ -168,6 +177,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory(),
             kv_nbytes=cache_nbytes(caches),
             kv_fp16_nbytes=cache_fp16_nbytes(caches),
+            kv_device_nbytes=cache_device_nbytes(caches),
             finish_reason=finish_reason,
             prompt_cached_tokens=start,
         )
@@ -200,7 +210,7 @@ def generate(model, tokenizer, prompt, **options) -> str:
 def _format_stats(r: GenerationResponse) -> str:
     kv = f"KV cache: {r.kv_nbytes / 1e6:.2f} MB"
     if r.kv_fp16_nbytes:
-        kv += f" ({r.kv_nbytes / r.kv_fp16_nbytes:.2f}x fp16)"
+        kv += f" ({(r.kv_device_nbytes or r.kv_nbytes) / r.kv_fp16_nbytes:.2f}x fp16)"
     return (
         f"prompt: {r.prompt_tokens} tokens"
         f"{f' ({r.prompt_cached_tokens} cached)' if r.prompt_cached_tokens else ''}, "

@@ -68,3 +68,5 @@ def test_streams_text_and_prints_stats(default_model_dir):
     assert m, stats
     assert int(m[1]) > 0 and 0 < int(m[3]) <= 12
     assert float(m[2]) > 0 and float(m[5]) > 0 and float(m[6]) > 0
+    # The full-precision cache against itself, whatever dtype the CPU computes in.
+    assert float(m[7]) == 1.0

@@ -213,27 +213,16 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
             self._next_centers()
 
     def _next_centers(self):
-        """Sequences whose step completed a block: the block's own center (its float16
-        keys still in the window) or the next block's from its stored rows, after the
-        write, as ``QuantizedKVCache`` does."""
-        S, R = self.sink, self.recent
+        """Sequences whose step completed a block: closed as ``QuantizedKVCache`` closes
+        one (own center from the window's float16 keys, else from the stored rows), after
+        the write."""
         for i, n in enumerate(self.lengths):
-            rows = n - S
+            rows = n - self.sink
             if rows <= 0 or rows % CENTER_BLOCK:
                 continue
-            block = rows // CENTER_BLOCK - 1
-            own = None
-            if self.window_lengths[i] >= CENTER_BLOCK:
-                slots = [S + (p - S) % R for p in range(n - CENTER_BLOCK, n)]
-                own = mx.take(self.fp[i:i + 1], mx.array(slots, dtype=mx.int32), axis=2)
-            done = slice(rows - CENTER_BLOCK, rows)
-            center, q_block = self.finish_block(own, self.store[i:i + 1, :, done],
-                                                self.center[i:i + 1])
-            if q_block is not None:
-                self.store[i:i + 1, :, done] = q_block
-                self.centers[i:i + 1, :, block:block + 1] = center
-            self.centers[i:i + 1, :, block + 1:block + 2] = center
-            self.center[i:i + 1] = center
+            own = (self.window_block(self.fp[i:i + 1], n)
+                   if self.window_lengths[i] >= CENTER_BLOCK else None)
+            self.close_block(rows, own, seq=slice(i, i + 1))
 
 
 def full_precision_nbytes(step: int, heads: int, head_dim: int, itemsize: int,

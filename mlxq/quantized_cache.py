@@ -67,7 +67,7 @@ def _is_power_of_two(n: int) -> bool:
 
 class QuantizedOptions:
     """The config's fields under the names the attention path reads (both quantized
-    caches), and the new-token encoding they share."""
+    caches), and what both do on a write: encoding new tokens and closing key blocks."""
 
     @property
     def bits(self) -> int:
@@ -85,36 +85,51 @@ class QuantizedOptions:
     def recent(self) -> int:
         return self.config.recent
 
-    def encode(self, keys, values, center=None):
+    def encode(self, keys, values, center=None, rotated: bool = False):
         """New keys/values -> (float16 rows, quantized rows), rotated, on the backend;
-        ``center`` (B, H, 1, D): the key center of their block (None: no centering)."""
+        ``center`` (B, H, 1, D): the key center of their block (None: no centering);
+        ``rotated``: already rotated float16 (the window's rows of a block encoded again)."""
+        rotation = None if rotated else self.rotation
         if self.backend == "reference":
-            return reference_append_rows(keys, values, self.rotation, self.bits,
-                                         self.group_size, center)
-        signs = self.signs if self.kernel_rotates else None
-        if self.rotation is not None and signs is None:
-            keys, values = self.rotation.forward(keys), self.rotation.forward(values)
+            return reference_append_rows(keys, values, rotation, self.bits, self.group_size,
+                                         center)
+        signs = self.signs if self.kernel_rotates and not rotated else None
+        if rotation is not None and signs is None:
+            keys, values = rotation.forward(keys), rotation.forward(values)
         return append_rows(keys, values, signs, self.bits, self.group_size, self.backend,
                            center)
 
-    def finish_block(self, own, stored, center):
-        """A completed block -> (the next block's center, the block's rows encoded again
-        or None). ``own``: its float16 rows (B, H, CENTER_BLOCK, 2D) if at hand (their key
-        mean becomes the block's own center too), else None; ``stored``: its store rows;
-        ``center``: the center they were written with."""
-        if own is None:
-            return self.block_center(stored, center), None
-        D = self.head_dim
-        k16 = own[..., :D]
-        mean = k16.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
-        return mean, self.encode_rotated(k16, own[..., D:], mean)[1]
+    def window_block(self, fp, n: int):
+        """The float16 rows of positions [n - CENTER_BLOCK, n) from ``fp``'s ring (all of
+        them still in the window)."""
+        S, R = self.sink, self.recent
+        slots = [S + (p - S) % R for p in range(n - CENTER_BLOCK, n)]
+        return mx.take(fp, mx.array(slots, dtype=mx.int32), axis=2)
 
-    def encode_rotated(self, k16, v16, center):
-        """Quantized rows (B, H, n, ROW) of float16 keys/values already rotated (the
-        window's rows), keys minus ``center``: a block encoded again with its own center."""
-        if self.backend == "reference":
-            return reference_append_rows(k16, v16, None, self.bits, self.group_size, center)
-        return append_rows(k16, v16, None, self.bits, self.group_size, self.backend, center)
+    def close_block(self, rows: int, own, seq=None):
+        """Store rows [rows - CENTER_BLOCK, rows) complete a block (of sequence ``seq``, a
+        slice of the batch; None: every sequence). ``own``: the block's float16 rows if at
+        hand (B, H, CENTER_BLOCK, 2D), else None. With them the block's center becomes
+        their key mean and its rows are encoded again with it; without, the block keeps
+        the center it was written with. Either way the next block starts from the new
+        ``center``, written to ``centers``. Returns True if the block was encoded again."""
+        block, done = rows // CENTER_BLOCK - 1, slice(rows - CENTER_BLOCK, rows)
+        at = slice(None) if seq is None else seq
+        center = self.center if seq is None else self.center[seq]
+        if own is None:
+            center = self.block_center(self.store[at, :, done], center)
+        else:
+            D = self.head_dim
+            k16 = own[..., :D]
+            center = k16.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+            self.store[at, :, done] = self.encode(k16, own[..., D:], center, rotated=True)[1]
+            self.centers[at, :, block:block + 1] = center
+        self.centers[at, :, block + 1:block + 2] = center
+        if seq is None:
+            self.center = center
+        else:
+            self.center[seq] = center
+        return own is not None
 
     def block_center(self, rows, center):
         """The next block's key center (B, H, 1, D) float16: the mean of a completed block's
@@ -204,12 +219,12 @@ class QuantizedKVCache(QuantizedOptions):
                 values if whole else values[:, :, start:stop], self.center)
             first = self.offset  # the piece's first position
             self._write(fp_rows, q_rows, B, H, D)
-            self._finish_block_if_done(fp_rows, q_rows, first, more=stop < L)
+            self._finish_block_if_done(fp_rows, first, more=stop < L)
             pieces.append(fp_rows)
             start = stop
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
 
-    def _finish_block_if_done(self, fp_rows, q_rows, first: int, more: bool):
+    def _finish_block_if_done(self, fp_rows, first: int, more: bool):
         """After a piece (positions [first, offset)) is written: if it completed a block,
         that block's center becomes the mean of its float16 keys and its rows are encoded
         again with it, when those keys are at hand (in the piece, or all still in the
@@ -220,24 +235,15 @@ class QuantizedKVCache(QuantizedOptions):
         rows = self.offset - self.sink
         if rows <= 0 or rows % CENTER_BLOCK:
             return
-        block = rows // CENTER_BLOCK - 1  # the block just completed
-        start = self.sink + block * CENTER_BLOCK  # its first position
+        start = self.offset - CENTER_BLOCK  # the completed block's first position
         if start >= first:  # all in this piece
             own = fp_rows[:, :, start - first:]
         elif start >= self.offset - self.window_length:  # all in the window's ring
-            slots = [self.sink + (p - self.sink) % self.recent
-                     for p in range(start, self.offset)]
-            own = mx.take(self.fp, mx.array(slots, dtype=mx.int32), axis=2)
+            own = self.window_block(self.fp, self.offset)
         else:
             own = None
-        self.center, q_block = self.finish_block(
-            own, self.store[:, :, rows - CENTER_BLOCK:rows], self.center)
-        if q_block is not None:
-            self.store[:, :, rows - CENTER_BLOCK:rows] = q_block
-            self.centers[:, :, block:block + 1] = self.center
-        elif more:
+        if not self.close_block(rows, own) and more:
             mx.eval(self.center)
-        self.centers[:, :, block + 1:block + 2] = self.center
 
     def _ensure_centers(self, B, H, D, rows):
         have = 0 if self.centers is None else self.centers.shape[2]

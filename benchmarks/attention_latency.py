@@ -91,7 +91,8 @@ class Inputs:
         self.mlx_lm_k = mx.quantize(self.keys, group_size=group_size, bits=bits)
         self.mlx_lm_v = mx.quantize(self.values, group_size=group_size, bits=bits)
         # mlxq: its cache filled by its own append (whole buffers of whole steps, valid
-        # length apart), pure int4: no rotation, no float16 sink or window.
+        # length apart), pure int4: no rotation, no float16 sink or window (keys centered
+        # per block, as by default: their centers count in its bytes).
         self.mlxq_config = KVCacheConfig(bits, group_size, rotation=False, recent=0, sink=0)
         self.mlxq_keys, self.mlxq_values = self.keys, self.values
         # What every path should approximate: exact float32 attention, unquantized K/V.
@@ -180,7 +181,7 @@ def run_attention(args, dtype, peak_gbps) -> list[dict]:
                         from mlxq.kernels.decode_attention import bytes_read
 
                         nbytes = bytes_read(1, n_kv, length, 0, D, args.bits,
-                                            args.group_size)
+                                            args.group_size, x.mlxq_config.key_center)
                         try:
                             fig = measure(mlxq_call(x, args.bits, args.group_size, backend),
                                           x, nbytes, args, peak_gbps,

@@ -310,11 +310,13 @@ class Scheduler:
 
     def stats(self) -> dict:
         """The loop's counters, with the queue and reservation read now: a request just
-        submitted or cancelled is not idle yet (an iteration may not have run)."""
+        submitted or cancelled is not idle yet (an iteration may not have run). ``active``
+        falls only when the iteration that removed a request publishes its counters and
+        bytes, so an idle reading never comes with the previous iteration's figures."""
         with self._cond:
             return {**self._stats, "waiting": len(self._waiting),
                     "kv_reserved_bytes": self._reserved,
-                    "active": len(self._active)}
+                    "active": max(len(self._active), self._stats["active"])}
 
     # --- the loop (scheduler thread only) ----------------------------------------------------
     def _reservation(self, sequences) -> int:

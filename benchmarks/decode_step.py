@@ -167,7 +167,7 @@ def prefill(model, caches, tokens: int, dtype=mx.float16, evaluate: bool = False
 def steady_prefill(context: int, options: dict) -> int:
     """Tokens stored before the step measured at ``context``: the step to ``context``
     tokens, or the one before it when that step would complete a key-center block (1 step
-    in 64, which also computes the next block's center: not the steady step)."""
+    in CENTER_BLOCK (128), which also computes the next block's center: not the steady step)."""
     from mlxq.cache import config_from_options
     from mlxq.kernels.kv_layout import CENTER_BLOCK
 

@@ -5,7 +5,8 @@
 // Template: T (query dtype), D (head dim), BITS (4|8), GS (group size), G (query heads per
 //   KV head), LQ (query tokens), RT (query rows per threadgroup), NSG (simdgroups per
 //   threadgroup), LPK (lanes per key: 1, 2, 4 or 8), ROTATE (rotate the queries by
-//   R = diag(signs) H / sqrt(D) as they are loaded; D a power of two).
+//   R = diag(signs) H / sqrt(D) as they are loaded; D a power of two), CENTER (add the
+//   store's key centers), CENTER_BLOCK (store rows per center, kv_layout.py's).
 // Inputs:  queries (B, Hq, LQ, D) T;
 //          store   (B, Hkv, cap, ROW) uint32: one packed row per token from position `sink`
 //                  on (kv_append.metal's q_rows layout; row i = position sink + i);
@@ -62,7 +63,6 @@ constexpr int WL = W / LPK;          // key code words per lane (store)
 constexpr int DL = D / LPK;          // key elements per lane (fp slots)
 constexpr int NR = G * LQ;           // query rows per KV head
 constexpr uint CODE_MASK = (1u << BITS) - 1u;
-constexpr int CENTER_BLOCK = 64;     // store rows per key center (kv_layout.py)
 // Finite "minus infinity": keeps exp2 arguments finite (no inf - inf) in any math mode.
 constexpr float NEG = -1.0e30f;
 

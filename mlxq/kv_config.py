@@ -3,7 +3,7 @@
 A config is checked once, when it is made; caches, the attention path, save/load and the
 command lines all read the same object. Defaults for the quantized cache were chosen by
 measurement (docs/quality.md): group 64, a Hadamard rotation per layer, the newest 256
-tokens and the first 4 in float16, keys centered per 64-token block (``key_center``).
+tokens and the first 4 in float16, keys centered per 128-token block (``key_center``).
 """
 
 from dataclasses import asdict, dataclass
@@ -28,8 +28,8 @@ class KVCacheConfig:
     group_size (elements per scale/bias along head_dim), rotation (randomized Hadamard
     rotation of K/V/Q per layer, signs from ``seed``), recent (newest tokens kept in
     float16), sink (first tokens kept in float16), step (tokens a buffer grows by),
-    key_center (quantize each 64-token block of keys minus a float16 per-channel center,
-    the mean of the previous block: ``kernels/kv_layout``)."""
+    key_center (quantize each block of CENTER_BLOCK keys minus a float16 per-channel
+    center, normally the block's own mean: ``kernels/kv_layout``)."""
 
     bits: int = 16
     group_size: int = DEFAULT_GROUP_SIZE

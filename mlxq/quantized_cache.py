@@ -12,7 +12,7 @@ With key centering (``config.key_center``, layout in ``kernels/kv_layout``) a th
 ``centers`` (B, Hkv, blocks, D) float16, holds one key center per block of CENTER_BLOCK
 store rows, and ``center`` (B, Hkv, 1, D) the one new rows are written with (what the
 append kernel subtracts). When a block completes, its center is fixed (its own float16
-keys' mean, its 64 rows encoded again; or as written) and the next block's chosen: a few
+keys' mean, its rows encoded again; or as written) and the next block's chosen: a few
 ops every CENTER_BLOCK tokens, after that step's writes, none on the other steps. An
 append that crosses a block boundary is written in pieces, one per block.
 
@@ -357,7 +357,9 @@ class QuantizedKVCache(QuantizedOptions):
         if not value:
             return
         if not isinstance(value, dict) or not set(value) <= {"fp", "store", "centers"} \
-                or ("centers" in value) != (self.config.key_center and "store" in value):
+                or ("centers" in value) != (self.config.key_center and "store" in value) \
+                or ("centers" in value and value["centers"].shape[2]
+                    != value["store"].shape[2] // CENTER_BLOCK + 1):  # another block size
             raise MlxqError("this saved cache has an older int4/int8 layout; save it again")
         self.fp, self.store = value.get("fp"), value.get("store")
         self.centers = value.get("centers")

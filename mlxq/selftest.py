@@ -90,17 +90,17 @@ def check_decode(backend, case):
 
 def check_cache(backend):
     """A default int4 cache decoding past its window and across a key-center block (window
-    16: the next center from the stored block; window 64: the block re-centered from its
-    float16 keys) on the backend vs the reference."""
+    16: the next center from the stored block; window 128, one CENTER_BLOCK: the block
+    re-centered from its float16 keys) on the backend vs the reference."""
     from .attention import attend
     from .kv_config import KVCacheConfig
     from .quantized_cache import QuantizedKVCache
 
     err = 0.0
-    for recent in (16, 64):
+    for recent in (16, 128):
         config = KVCacheConfig(4, 64, recent=recent, sink=4)
         caches = [QuantizedKVCache(config, 2, b) for b in (backend, "reference")]
-        for step, L in enumerate([40] + [1] * 30 + [3]):
+        for step, L in enumerate([120] + [1] * 12 + [3]):  # store row 128 at a decode step
             keys = mx.random.split(mx.random.key(step), 3)
             q = mx.random.normal((1, 6, L, 128), key=keys[0])
             k = mx.random.normal((1, 2, L, 128), key=keys[1]) + 2.0

@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config, tiny_weights
 
 from mlxq.batch_cache import BatchKVCache, BatchQuantizedKVCache
+from mlxq.kernels.kv_layout import CENTER_BLOCK
 from mlxq.cache import KVCache, make_cache
 from mlxq.errors import MlxqError
 from mlxq.kv_config import KVCacheConfig
@@ -131,17 +132,18 @@ def _same_cache(got, want):
 
 
 @pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3),
-                                    KVCacheConfig(4, 32, recent=70, sink=2)])
+                                    KVCacheConfig(4, 32, recent=140, sink=2)])
 def test_extract_equals_the_sequence_appended_alone(config):
-    """Sequences of 1, 5, 60 tokens (+ one that joins later, and one that leaves) get the
+    """Sequences of 1, 5, 124 tokens (+ one that joins later, and one that leaves) get the
     same tokens appended in a batch and alone: ``extract`` gives back exactly the cache
     decoded alone (rows, float16 slots, key centers, lengths, capacities). A key-center
     block completes in the batch: from the stored rows (short windows) or from the
-    window's float16 keys (recent 70)."""
+    window's float16 keys (recent 140)."""
     from mlxq.quantized_cache import QuantizedKVCache
 
     rng = np.random.default_rng(2)
-    prompts = [_keys(rng, n) for n in (1, 5, 60, 9)]  # 60: completes a key-center block
+    long = CENTER_BLOCK - 4  # completes a key-center block within the steps below
+    prompts = [_keys(rng, n) for n in (1, 5, long, 9)]
 
     def prefilled(keys_values):
         cache = QuantizedKVCache(config, layer_index=1)
@@ -161,7 +163,7 @@ def test_extract_equals_the_sequence_appended_alone(config):
         batch.append(k, v)
         for i, cache in enumerate(alone):
             cache.append(k[i:i + 1], v[i:i + 1])
-    assert batch.lengths == [c.offset for c in alone] == [15, 74, 19]
+    assert batch.lengths == [c.offset for c in alone] == [15, long + 14, 19]
     for i, cache in enumerate(alone):
         _same_cache(batch.extract(i), cache)
 

@@ -117,7 +117,7 @@ def test_step_graph_copies_no_cache_buffer(steps, key):
 
 @pytest.mark.parametrize("key,extra_budget", [("int4", 14), ("int4_r0s0", 34)])
 def test_block_completing_step_copies_no_cache_buffer(steps, key, extra_budget):
-    """The step that completes a key-center block (1 in 64) also fixes its center: with
+    """The step that completes a key-center block (1 in CENTER_BLOCK) also fixes its center: with
     the default window, the block's float16 keys are gathered from the ring and encoded
     again (a second append launch); without one, the next center comes from the stored
     rows. Either way nothing copies the store or the ring, and the work stays bounded."""

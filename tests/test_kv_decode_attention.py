@@ -111,13 +111,14 @@ def test_kernel_matches_oracle(case):
     assert _rel_err(out, ref) < 2e-4
 
 
-# Key centers (kv_layout): one per 64 store rows, added to every key's score in the block.
+# Key centers (kv_layout): one per CENTER_BLOCK store rows, added to every key's score in the
+# block. Every case spans at least two blocks.
 CENTER_CASES = [
     (1, 1, 64, 8, 1, 4, 32, 4, 64, [(1000, 64)], True),        # GQA 8, many blocks, LPK 1
-    (2, 3, 128, 6, 1, 4, 128, 4, 16, [(233, 16), (150, 16)], True),  # batch 2, own lengths
+    (2, 3, 128, 6, 1, 4, 128, 4, 16, [(333, 16), (150, 16)], True),  # batch 2, own lengths
     (1, 4, 256, 2, 2, 4, 64, 4, 32, [(300, 32)], True),        # head_dim 256
-    (1, 2, 64, 4, 1, 8, 64, 2, 8, [(200, 8)], True),           # int8
-    (2, 1, 96, 3, 1, 4, 32, 4, 16, [(129, 16), (70, 9)], False),  # head_dim 96, no rotation
+    (1, 2, 64, 4, 1, 8, 64, 2, 8, [(300, 8)], True),           # int8
+    (2, 1, 96, 3, 1, 4, 32, 4, 16, [(300, 16), (170, 9)], False),  # head_dim 96, no rotation
     (1, 1, 128, 4, 2, 4, 64, 4, 256, [(8200, 256)], True),     # long: 8K+
     (1, 1, 64, 3, 3, 4, 64, 4, 256, [(1024, 256)], True),      # the default model at 1K
     (1, 7, 128, 1, 2, 8, 128, 4, 16, [(513, 16)], True),       # GQA 1

@@ -16,6 +16,7 @@ import pytest
 from mlxq.attention import attend
 from mlxq.cache import KVCache, load_cache, make_cache, save_cache
 from mlxq.errors import MlxqError
+from mlxq.kernels.kv_layout import CENTER_BLOCK
 from mlxq.kv_config import KVCacheConfig
 from mlxq.quantized_cache import QuantizedKVCache
 from mlxq.rotation import HadamardRotation
@@ -99,11 +100,13 @@ def test_int4_store_is_028_of_fp16():
         attend(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), fp16, SCALE)
     assert q4.offset == fp16.offset == 302 and q4.store.shape[2] == fp16.capacity == 512
     assert q4.fp16_nbytes == fp16.nbytes
-    # int4 with group 64 is 4.5 bits a value; the key centers add 2 bytes a token (of 256).
-    assert q4.nbytes == pytest.approx((4.5 / 16 + 1 / 128) * fp16.nbytes)
+    # int4 with group 64 is 4.5 bits a value; the key centers add 2*D bytes per CENTER_BLOCK
+    # tokens (fp16: 4*D a token).
+    centers = 1 / (2 * CENTER_BLOCK)
+    assert q4.nbytes == pytest.approx((4.5 / 16 + centers) * fp16.nbytes)
     q8 = _cache(bits=8, group_size=32)
     attend(*_qkv(10, 1), q8, SCALE)
-    assert q8.nbytes == pytest.approx((9 / 16 + 1 / 128) * q8.fp16_nbytes)
+    assert q8.nbytes == pytest.approx((9 / 16 + centers) * q8.fp16_nbytes)
 
 
 def test_buffers_grow_in_steps_and_the_window_by_what_it_holds():
@@ -119,7 +122,7 @@ def test_buffers_grow_in_steps_and_the_window_by_what_it_holds():
 # --- what attention sees -----------------------------------------------------------------
 class Shadow:
     """Every token as the cache should hold it: rotated float16, and dequantized (keys of
-    each 64-row block of the store quantized minus the previous block's mean as stored)."""
+    each CENTER_BLOCK-row block of the store quantized minus the previous block's mean as stored)."""
 
     def __init__(self, cache):
         self.c = cache
@@ -154,7 +157,7 @@ class Shadow:
             self.deq.append(((dk + center)[:, :, 0], self._dequantized(vt)[:, :, 0]))
             if c.config.key_center and row >= 0:
                 self.block.append(dk)
-                if len(self.block) == 64:
+                if len(self.block) == CENTER_BLOCK:
                     self._finish_block(first)
         self.window = min(c.recent, self.window + k.shape[2], max(0, len(self.fp) - c.sink))
         return rot
@@ -164,9 +167,9 @@ class Shadow:
         the window as it is now), its own mean becomes its center and it is quantized
         again; else the next center is its mean as stored."""
         c = self.c
-        n, start = len(self.fp), len(self.fp) - 64
+        n, start = len(self.fp), len(self.fp) - CENTER_BLOCK
         window = min(c.recent, self.window + n - first, max(0, n - c.sink))
-        if start >= first or window >= 64:
+        if start >= first or window >= CENTER_BLOCK:
             keys = mx.stack([self.fp[p][0] for p in range(start, n)], axis=2)
             self.center = keys.mean(axis=2, keepdims=True).astype(mx.float16).astype(mx.float32)
             for p in range(start, n):
@@ -190,13 +193,15 @@ class Shadow:
 
 
 STEPS = [(10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)] + [(1, s) for s in range(7, 40)] \
-    + [(40, 40), (1, 41), (2, 42), (70, 43), (1, 44)]  # key-center blocks end mid-chunk
+    + [(40, 40), (1, 41), (2, 42), (70, 43), (1, 44)] \
+    + [(260, 45), (1, 46), (2, 47)]  # key-center blocks end mid-chunk; one chunk holds one
 
 
 @pytest.mark.parametrize("backend,options", [
     ("reference", {"recent": 16, "sink": 3}),
     ("reference", {"recent": 16, "sink": 0, "rotation": True}),
     ("reference", {"recent": 0, "sink": 0, "bits": 8}),
+    ("reference", {"recent": 128, "sink": 1}),  # blocks re-centered from the window
     ("emulate", {"recent": 16, "sink": 3, "rotation": True}),
     ("emulate", {"recent": 5, "sink": 0, "group_size": 32}),
     ("emulate", {"recent": 0, "sink": 2}),
@@ -254,6 +259,21 @@ def test_save_load_roundtrip_is_exact(tmp_path):
         # Both continue identically.
         q, k, v = _qkv(3, 9)
         assert mx.array_equal(attend(q, k, v, a, SCALE), attend(q, k, v, b, SCALE))
+
+
+def test_saved_cache_of_another_layout_is_refused():
+    """A cache saved without key centers, or with centers per another block size (64 rows
+    before 2026-12-02), cannot be read as this layout: one clear error, not wrong keys."""
+    cache = _cache(recent=12, sink=2)
+    attend(*_qkv(200, 1), cache, SCALE)
+    state = cache.state
+    assert state["centers"].shape[2] == 198 // CENTER_BLOCK + 1
+    for bad in ({k: v for k, v in state.items() if k != "centers"},
+                {**state, "centers": mx.zeros((B, HKV, 198 // 64 + 1, D), mx.float16)}):
+        fresh = _cache(recent=12, sink=2)
+        fresh.meta_state = cache.meta_state
+        with pytest.raises(MlxqError, match="older int4/int8 layout; save it again"):
+            fresh.state = bad
 
 
 def test_long_prefill_peak_memory_not_above_fp16_cache():

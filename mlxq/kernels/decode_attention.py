@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..backend import metal_kernel
 from ..kernel_source import read_kernel_source
-from .kv_layout import center_blocks, row_bytes
+from .kv_layout import CENTER_BLOCK, center_blocks, row_bytes
 
 MAX_QUERY_TOKENS = 8
 SIMDGROUPS = 4                 # NSG: simdgroups per threadgroup (separate key steps)
@@ -125,7 +125,7 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
         template=[("T", queries.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
                   ("G", Hq // Hkv), ("LQ", Lq), ("RT", p.rows_per_tg), ("NSG", SIMDGROUPS),
                   ("LPK", p.lanes_per_key), ("ROTATE", signs is not None),
-                  ("CENTER", centers is not None)],
+                  ("CENTER", centers is not None), ("CENTER_BLOCK", CENTER_BLOCK)],
         grid=(p.n_blocks * nt, Hkv, B * p.row_chunks),
         threadgroup=(nt, 1, 1),
         output_shapes=[(rows, p.n_blocks, D), (rows, p.n_blocks, 2)],

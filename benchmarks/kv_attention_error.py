@@ -156,7 +156,8 @@ def cache_stored_kv(k, v, fmt: KVCacheConfig, layer: int, chunk: int = 512):
     for a in range(0, T, chunk):
         cache.append(mx.array(k[None, :, a:a + chunk]), mx.array(v[None, :, a:a + chunk]))
     S = min(fmt.sink, T)
-    kq, vq = dequantize_rows(cache.store[:, :, :T - S], k.shape[-1], fmt.bits, fmt.group_size)
+    kq, vq = dequantize_rows(cache.store[:, :, :T - S], k.shape[-1], fmt.bits, fmt.group_size,
+                             key_bits=fmt.key_bits)
     if cache.centers is not None:
         kq = add_key_centers(kq, cache.centers, 0)
     R = cache.rotation

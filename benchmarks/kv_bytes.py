@@ -26,7 +26,7 @@ import mlx.core as mx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlxq.cache import KVCache, cache_device_nbytes, make_cache  # noqa: E402
+from mlxq.cache import KVCache, cache_device_nbytes, cache_format_name, make_cache  # noqa: E402
 from mlxq.models import build_model  # noqa: E402
 
 # Gemma-3-270M (from its GGUF's metadata), with hidden/FFN/vocab shrunk: the KV cache
@@ -63,10 +63,11 @@ def _fill_fp(cache, tokens, n_kv, d):
     mx.eval(cache.keys, cache.values)
 
 
-def measure(config: dict, tokens: int, kv_bits: int = 4) -> dict:
+def measure(config: dict, tokens: int, kv_bits: int = 4, kv_key_bits: int | None = None) -> dict:
+    """``kv_key_bits`` None: the model's default (Gemma 3: 8-bit keys under int4)."""
     model = build_model(_shrunk(config))
     n_kv, d = config["num_key_value_heads"], config["head_dim"]
-    caches = make_cache(model, kv_bits=kv_bits)
+    caches = make_cache(model, kv_bits=kv_bits, kv_key_bits=kv_key_bits)
     for c in caches:
         if isinstance(c, KVCache) or hasattr(c, "max_size"):
             _fill_fp(c, tokens, n_kv, d)
@@ -80,7 +81,8 @@ def measure(config: dict, tokens: int, kv_bits: int = 4) -> dict:
     full_layer = KVCache(dtype=mx.float16)
     _fill_fp(full_layer, tokens, n_kv, d)
     full = cache_device_nbytes([full_layer]) * len(caches)
-    return {"tokens": tokens, "kv_bits": kv_bits, "bytes": ours, "fp16_full": full,
+    return {"tokens": tokens, "kv_bits": kv_bits, "format": cache_format_name(caches),
+            "bytes": ours, "fp16_full": full,
             "fp16_mlx_lm": mlx_lm_like, "ratio_vs_fp16_full": ours / full,
             "ratio_vs_fp16_mlx_lm": ours / mlx_lm_like,
             "layers": [type(c).__name__ for c in caches]}
@@ -92,6 +94,8 @@ def parse_args(argv=None):
                    "(default: Gemma-3-270M's shapes)")
     p.add_argument("--contexts", default="4096,32768", help="comma-separated token counts")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--kv-key-bits", type=int, choices=[4, 8], default=None,
+                   help="the keys' bits (default: the model's, Gemma 3: 8 under --kv-bits 4)")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -101,7 +105,9 @@ def main(argv=None) -> int:
     config = GEMMA3_270M
     if args.model:
         config = json.loads((Path(args.model) / "config.json").read_text())
-    rows = [measure(config, int(n), args.kv_bits) for n in args.contexts.split(",")]
+    rows = [measure(config, int(n), args.kv_bits, args.kv_key_bits)
+            for n in args.contexts.split(",")]
+    print(f"KV cache of the quantized layers: {rows[0]['format']}")
     print(f"{'tokens':>8} {'mlxq MB':>9} {'fp16 full MB':>13} {'fp16 mlx-lm MB':>15} "
           f"{'vs full':>8} {'vs mlx-lm':>10}")
     for r in rows:

@@ -2,7 +2,8 @@
 // KV cache keeps: a float16 row (the full-precision sink/window buffer) and a packed
 // quantized row (the int4/int8 store), keys and values together, rotated first.
 //
-// Template: T (input dtype, float or half), D (head dim), BITS (4|8), GS (group size),
+// Template: T (input dtype, float or half), D (head dim), BITS (4|8: the values' bits),
+//   KBITS (4|8: the keys' bits, BITS unless the config sets key_bits), GS (group size),
 //   ROTATE (apply R = diag(signs) H / sqrt(D), H the Sylvester-Hadamard matrix; D a power
 //   of two), CENTER (quantize keys minus a center, kv_layout.py's key centering).
 // Inputs:  keys, values  (N, D) rows of T, N = batch * kv_heads * new_tokens (contiguous);
@@ -11,8 +12,9 @@
 //                        shared by its new tokens (read only when CENTER);
 //          tokens        int32[1]: new tokens per (sequence, KV head).
 // Outputs: fp_rows  (N, 2D) half: [rotated key | rotated value];
-//          q_rows   (N, ROW) uint32, ROW = 2*W + 2*NG (W = D*BITS/32, NG = D/GS):
-//                   [key codes W | value codes W | key (scale, bias) NG | value (scale, bias) NG],
+//          q_rows   (N, ROW) uint32, ROW = WK + WV + 2*NG (WK = D*KBITS/32, WV = D*BITS/32,
+//                   NG = D/GS): [key codes WK | value codes WV | key (scale, bias) NG |
+//                   value (scale, bias) NG],
 //                   codes in MLX's packing (element 0 in the low bits), each (scale, bias)
 //                   one word read as half2 (x = scale, y = bias). One row is one token of one
 //                   KV head: the attention kernel reads it with one contiguous load sequence.
@@ -35,12 +37,10 @@
 // The float scale/bias are used for the codes; only the stored copies are rounded to half.
 
 constexpr int EPL = D / 32;          // elements per lane
-constexpr int EPW = 32 / BITS;       // codes per uint32
-constexpr int W = D / EPW;           // code words per row of keys (or values)
+constexpr int WK = D * KBITS / 32;   // code words of the keys
+constexpr int WV = D * BITS / 32;    // code words of the values
 constexpr int NG = D / GS;           // groups per row
-constexpr int WPG = GS / EPW;        // words per group
-constexpr int ROW = 2 * W + 2 * NG;  // words per stored token
-const float n_bins = float((1 << BITS) - 1);
+constexpr int ROW = WK + WV + 2 * NG;  // words per stored token
 
 threadgroup float rotated[2 * D];
 
@@ -74,6 +74,10 @@ const int t = which * 32 + lane;
 if (t < 2 * NG) {
   const int is_v = t / NG;
   const int g = t % NG;
+  const int bits = is_v ? BITS : KBITS;
+  const int epw = 32 / bits;          // codes per uint32
+  const int wpg = GS / epw;           // words per group
+  const float n_bins = float((1 << bits) - 1);
   const threadgroup float* w_in = rotated + is_v * D + g * GS;
   float w_min = w_in[0];
   float w_max = w_min;
@@ -92,13 +96,13 @@ if (t < 2 * NG) {
     bias = edge;
   }
   device uint* out = q_rows + row * ROW;
-  for (int wi = 0; wi < WPG; wi++) {
+  for (int wi = 0; wi < wpg; wi++) {
     uint word = 0;
-    for (int x = 0; x < EPW; x++) {
-      const float c = clamp(rint(precise::divide(w_in[wi * EPW + x] - bias, scale)), 0.0f, n_bins);
-      word |= uint(c) << (x * BITS);
+    for (int x = 0; x < epw; x++) {
+      const float c = clamp(rint(precise::divide(w_in[wi * epw + x] - bias, scale)), 0.0f, n_bins);
+      word |= uint(c) << (x * bits);
     }
-    out[is_v * W + g * WPG + wi] = word;
+    out[is_v * WK + g * wpg + wi] = word;
   }
-  out[2 * W + is_v * NG + g] = as_type<uint>(half2(half(scale), half(bias)));
+  out[WK + WV + is_v * NG + g] = as_type<uint>(half2(half(scale), half(bias)));
 }

@@ -2,7 +2,8 @@
 // three segments, [fp16 sink | int4 store | fp16 window], for 1-8 query tokens.
 // decode_merge.metal (pass 2) merges the blocks and undoes the value rotation.
 //
-// Template: T (query dtype), D (head dim), BITS (4|8), GS (group size), G (query heads per
+// Template: T (query dtype), D (head dim), BITS (4|8, the values'), KBITS (4|8, the keys':
+//   BITS unless the config sets key_bits), GS (group size), G (query heads per
 //   KV head), LQ (query tokens), RT (query rows per threadgroup), NSG (simdgroups per
 //   threadgroup), LPK (lanes per key: 1, 2, 4 or 8), ROTATE (rotate the queries by
 //   R = diag(signs) H / sqrt(D) as they are loaded; D a power of two), CENTER (add the
@@ -53,16 +54,19 @@
 // ALU per cached element (4-bit keys, per query row): AND + convert + FMA; per group +2 FMA.
 
 constexpr int EPL = D / 32;          // output elements per lane
-constexpr int EPW = 32 / BITS;       // codes per uint32
-constexpr int W = D / EPW;           // code words per row of keys (or values)
+constexpr int EPW = 32 / KBITS;      // key codes per uint32
+constexpr int W = D / EPW;           // code words per row of keys
+constexpr int VEPW = 32 / BITS;      // value codes per uint32
+constexpr int WV = D / VEPW;         // code words per row of values
 constexpr int NG = D / GS;           // groups per row
-constexpr int WPG = GS / EPW;        // words per group
-constexpr int ROW = 2 * W + 2 * NG;  // words per stored token
+constexpr int WPG = GS / EPW;        // key words per group
+constexpr int ROW = W + WV + 2 * NG;  // words per stored token
 constexpr int KPS = 32 / LPK;        // keys per simdgroup step
 constexpr int WL = W / LPK;          // key code words per lane (store)
 constexpr int DL = D / LPK;          // key elements per lane (fp slots)
 constexpr int NR = G * LQ;           // query rows per KV head
-constexpr uint CODE_MASK = (1u << BITS) - 1u;
+constexpr uint CODE_MASK = (1u << KBITS) - 1u;
+constexpr uint VALUE_MASK = (1u << BITS) - 1u;
 // Finite "minus infinity": keeps exp2 arguments finite (no inf - inf) in any math mode.
 constexpr float NEG = -1.0e30f;
 
@@ -121,7 +125,7 @@ for (int j = sg; j < nrows; j += NSG) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 if (quant) {
-  // sum(q) per group for the bias term, then the 16^-(i%8) (int8: 256^-(i%4)) pre-scale.
+  // sum(q) per group for the bias term, then the keys' 16^-(i%8) (int8: 256^-(i%4)) pre-scale.
   for (int idx = tid; idx < nrows * NG; idx += NSG * 32) {
     const threadgroup float* qg = q_tg + (idx / NG) * D + (idx % NG) * GS;
     float s = 0.0f;
@@ -132,7 +136,7 @@ if (quant) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int idx = tid; idx < nrows * D; idx += NSG * 32) {
-    q_tg[idx] *= exp2(-float(BITS * (idx % EPW)));
+    q_tg[idx] *= exp2(-float(KBITS * (idx % EPW)));
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
@@ -154,7 +158,7 @@ for (int j = 0; j < RT; j++) {
 // q . center reads the pre-scaled queries: these undo the 16^-(i%8) (256^-(i%4)) factors.
 float unscale[EPL];
 for (int x = 0; x < EPL; x++) {
-  unscale[x] = exp2(float(BITS * ((lane * EPL + x) % EPW)));
+  unscale[x] = exp2(float(KBITS * ((lane * EPL + x) % EPW)));
 }
 
 const int sub = lane % LPK;
@@ -182,7 +186,7 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
       for (int wi = sub * WL; wi < (sub + 1) * WL; wi++) {
         const uint word = krow[wi];
         const int g = wi / WPG;
-        const half2 sb = as_type<half2>(krow[2 * W + g]);
+        const half2 sb = as_type<half2>(krow[W + WV + g]);
         const float ks = float(sb.x);
         const float kb = (wi % WPG == 0) ? float(sb.y) : 0.0f;
         for (int j = 0; j < RT; j++) {
@@ -190,7 +194,7 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
             const threadgroup float* qp = q_tg + j * D + wi * EPW;
             float acc = 0.0f;
             for (int x = 0; x < EPW; x++) {
-              acc += qp[x] * float(word & (CODE_MASK << (x * BITS)));
+              acc += qp[x] * float(word & (CODE_MASK << (x * KBITS)));
             }
             score[j] += ks * acc + kb * qsum_tg[j * NG + g];
           }
@@ -261,9 +265,9 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
       const device uint* vrow = store + (slab * cap + key_k) * ROW;
       for (int x = 0; x < EPL; x++) {
         const int e = lane * EPL + x;
-        const uint word = vrow[W + e / EPW];
-        const half2 sb = as_type<half2>(vrow[2 * W + NG + e / GS]);
-        const float c = float((word >> ((e % EPW) * BITS)) & CODE_MASK);
+        const uint word = vrow[W + e / VEPW];
+        const half2 sb = as_type<half2>(vrow[W + WV + NG + e / GS]);
+        const float c = float((word >> ((e % VEPW) * BITS)) & VALUE_MASK);
         val[x] = c * float(sb.x) + float(sb.y);
       }
     } else {

@@ -93,7 +93,8 @@ def batch_attend(queries, keys, values, cache: BatchQuantizedKVCache, scale: flo
         return _decode_kernels(queries, cache, cache.store, cache.fp, cache.centers,
                                cache.lens, scale, sinks)
     segments = cache_segments(cache.store, cache.fp, cache.lens, cache.sink, cache.recent,
-                              cache.head_dim, cache.bits, cache.group_size, cache.centers)
+                              cache.head_dim, cache.bits, cache.group_size, cache.centers,
+                              cache.key_bits)
     return _in_rotated_basis(cache.rotation, queries, lambda q: segmented_attention(
         q, (cache.offset - 1)[:, None], segments, scale, sinks=sinks))
 
@@ -111,7 +112,7 @@ def _decode_kernels(queries, cache, store, fp, centers, lens, scale, sinks):
                              lambda q: segmented_decode_attention(
                                  q, store, fp, lens, cache.sink, cache.recent, scale,
                                  cache.bits, cache.group_size, signs, cache.backend,
-                                 sinks=sinks, centers=centers))
+                                 sinks=sinks, centers=centers, key_bits=cache.key_bits))
 
 
 def _in_rotated_basis(rotation, queries, attention):
@@ -128,7 +129,8 @@ def _buffers(cache, B):
     store, fp = cache.store, cache.fp
     H, D = (store if store is not None else fp).shape[1], cache.head_dim
     if store is None:
-        store = mx.zeros((B, H, 1, row_words(D, cache.bits, cache.group_size)), mx.uint32)
+        store = mx.zeros((B, H, 1, row_words(D, cache.bits, cache.group_size, cache.key_bits)),
+                         mx.uint32)
     if fp is None:
         fp = mx.zeros((B, H, 1, 2 * D), mx.float16)
     return store, fp
@@ -156,14 +158,16 @@ def _segments(cache, L, fp_rows):
         if stored:
             segments.append(QuantSegment(cache.store, stored,
                                          mx.arange(S, first, dtype=mx.int32)[None],
-                                         cache.bits, cache.group_size, cache.centers))
+                                         cache.bits, cache.group_size, cache.centers,
+                                         cache.key_bits))
         own = fp_rows[:, :, first - (n - L):]
         segments.append(FpSegment(own[..., :D], own[..., D:],
                                   mx.arange(first, n, dtype=mx.int32)[None]))
         return segments
     B = (cache.store if cache.store is not None else fp).shape[0]
     return cache_segments(cache.store, fp, [(n, cache.window_length)] * B,
-                          S, cache.recent, D, cache.bits, cache.group_size, cache.centers)
+                          S, cache.recent, D, cache.bits, cache.group_size, cache.centers,
+                          cache.key_bits)
 
 
 def _foreign_cache_attend(queries, keys, values, cache, scale, sinks):

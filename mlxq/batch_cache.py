@@ -51,7 +51,8 @@ def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: in
     fp_slots = config.sink + config.recent + 1  # + the scratch slot
     rows = store_rows(config, tokens - 1)
     centers = batch_centers(config, rows) + 1 if config.key_center else 0  # + ``center``
-    return (sequences * heads * rows * row_bytes(head_dim, config.bits, config.group_size)
+    return (sequences * heads * rows * row_bytes(head_dim, config.bits, config.group_size,
+                                                 config.key_bits)
             + fp16_bytes(sequences, heads, fp_slots, head_dim, head_dim)
             + sequences * heads * centers * head_dim * 2)
 
@@ -121,7 +122,7 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         D, S, R = self.head_dim, self.sink, self.recent
         H = next(x for x in stores + fps if x is not None).shape[1]
         rows = store_rows(self.config, longest)
-        words = row_words(D, self.bits, self.group_size)
+        words = row_words(D, self.bits, self.group_size, self.key_bits)
 
         def padded(x, size, width, dtype):
             have = 0 if x is None else x.shape[2]

@@ -126,13 +126,16 @@ def make_cache(model, config: KVCacheConfig | None = None, *, backend: str | Non
     """One cache per layer of ``model`` (mlx-lm's ``make_prompt_cache``): ``KVCache`` for 16
     bits, ``QuantizedKVCache`` for 8/4. Options as a ``KVCacheConfig`` or as keywords:
     ``kv_bits``, ``kv_group_size``, ``kv_rotation``, ``kv_recent``, ``kv_sink``,
-    ``kv_key_center``, ``rotation_seed`` (None = the default). The kernel backend is resolved here, once.
+    ``kv_key_center``, ``kv_key_bits``, ``rotation_seed`` (None = the default; the model's own
+    defaults, ``kv_defaults.py``, apply to keywords only). The kernel backend is resolved here, once.
 
     A model with a ``place_kv_caches(kv_bits, layer_caches)`` method (mlx-lm architectures,
     see mlx_lm_bridge.py) then picks what each layer really gets (sliding-window layers a
     window-bounded cache) or refuses the quantized cache with a clear error."""
     if config is None:
-        config = config_from_options(**options)
+        from .kv_defaults import with_model_defaults
+
+        config = config_from_options(**with_model_defaults(model, options))
     elif options:
         raise TypeError("pass either a KVCacheConfig or keyword options, not both")
     place = getattr(model, "place_kv_caches", None)
@@ -159,6 +162,7 @@ def _layer_caches(model, config: KVCacheConfig, backend) -> list:
 
 _OPTION_NAMES = {"kv_bits": "bits", "kv_group_size": "group_size", "kv_rotation": "rotation",
                  "kv_recent": "recent", "kv_sink": "sink", "kv_key_center": "key_center",
+                 "kv_key_bits": "key_bits",
                  "rotation_seed": "seed",
                  "step": "step"}
 
@@ -191,6 +195,15 @@ def cache_device_nbytes(caches) -> int:
     from .quantized_cache import QuantizedKVCache
 
     return sum(c.nbytes if isinstance(c, QuantizedKVCache) else c.fp16_nbytes for c in caches)
+
+
+def cache_format_name(caches) -> str:
+    """The quantized caches' format (``KVCacheConfig.name``, e.g. ``int4-g64-rot-kc-w256-s4``)
+    or ``fp16`` when no layer holds a quantized cache."""
+    from .quantized_cache import QuantizedKVCache
+
+    names = [c.config.name for c in caches if isinstance(c, QuantizedKVCache)]
+    return names[0] if names else "fp16"
 
 
 def cache_fp16_nbytes(caches):

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,19 +37,22 @@ DEFAULT_BATCH = 4
 # A KV format is a KVCacheConfig; the full-precision cache is the reference.
 KVFormat = KVCacheConfig
 FULL_PRECISION = KVCacheConfig(16)
-_FORMAT_NAME = re.compile(r"^int(\d+)-g(\d+)(-rot)?(-kc)?(?:-w(\d+))?(?:-s(\d+))?$")
+_FORMAT_NAME = re.compile(
+    r"^int(\d+)(?:-k(\d+))?-g(\d+)(-rot)?(-kc)?(?:-w(\d+))?(?:-s(\d+))?$")
 
 
 def parse_format(name: str, seed: int = 0) -> KVCacheConfig:
     """``int4-g64``, ``int4-g32-rot``, ``int4-g64-rot-kc-w128-s4``, ``int8-g64``, ... (the
-    names the report prints, ``KVCacheConfig.name``; ``-kc``: keys centered per block)."""
+    names the report prints, ``KVCacheConfig.name``; ``-kc``: keys centered per block;
+    ``int4-k8-...``: 8-bit keys, 4-bit values)."""
     m = _FORMAT_NAME.match(name.strip().lower())
     if not m:
         raise MlxqError(f"bad KV format {name!r}: use "
-                        "int<bits>-g<group>[-rot][-kc][-w<recent>][-s<sink>], e.g. "
-                        "int4-g64-rot-kc-w256-s4")
-    return KVCacheConfig(int(m[1]), int(m[2]), m[3] is not None, seed, int(m[5] or 0),
-                         int(m[6] or 0), key_center=m[4] is not None)
+                        "int<bits>[-k<key bits>]-g<group>[-rot][-kc][-w<recent>][-s<sink>], "
+                        "e.g. int4-g64-rot-kc-w256-s4")
+    return KVCacheConfig(int(m[1]), int(m[3]), m[4] is not None, seed, int(m[6] or 0),
+                         int(m[7] or 0), key_center=m[5] is not None,
+                         key_bits=int(m[2]) if m[2] else None)
 
 
 def make_format_caches(model, fmt: KVCacheConfig) -> list:
@@ -385,6 +388,10 @@ def main(argv=None):
     from .loading import load_for_cli
 
     model, tokenizer = load_for_cli(args.model)
+    if not args.formats:  # --kv-bits formats are what generate would build: model defaults
+        from .kv_defaults import default_key_bits
+
+        formats = [replace(f, key_bits=default_key_bits(model, f.bits)) for f in formats]
     check_model_heads(model, sorted({f.group_size for f in formats}),
                       "it has no quantized KV format to evaluate")
     from .backend import metal_available

@@ -14,12 +14,14 @@ import mlx.core as mx
 
 from .cache import (
     cache_device_nbytes,
+    cache_format_name,
     cache_fp16_nbytes,
     cache_nbytes,
     config_from_options,
     make_cache,
 )
 from .errors import ArgumentParser, MlxqError, cli_main
+from .kv_defaults import with_model_defaults
 from .prompt import check_token_ids, encode_prompt, is_utf8_text, read_prompt_stdin
 from .sampling import make_sampler
 
@@ -48,6 +50,7 @@ class GenerationResponse:
     # kv_nbytes with full-precision caches weighed as float16 (what a GPU holds; the CPU
     # computes in float32): the numerator of the printed ratio
     kv_device_nbytes: int | None = None
+    kv_format: str = "fp16"  # the quantized caches' format name (model defaults included)
 
 
 def context_length(model) -> int | None:
@@ -178,6 +181,7 @@ def stream_generate(
             kv_nbytes=cache_nbytes(caches),
             kv_fp16_nbytes=cache_fp16_nbytes(caches),
             kv_device_nbytes=cache_device_nbytes(caches),
+            kv_format=cache_format_name(caches),
             finish_reason=finish_reason,
             prompt_cached_tokens=start,
         )
@@ -208,7 +212,7 @@ def generate(model, tokenizer, prompt, **options) -> str:
 
 # --- command line ----------------------------------------------------------------------
 def _format_stats(r: GenerationResponse) -> str:
-    kv = f"KV cache: {r.kv_nbytes / 1e6:.2f} MB"
+    kv = f"KV cache ({r.kv_format}): {r.kv_nbytes / 1e6:.2f} MB"
     if r.kv_fp16_nbytes:
         kv += f" ({(r.kv_device_nbytes or r.kv_nbytes) / r.kv_fp16_nbytes:.2f}x fp16)"
     return (
@@ -259,7 +263,10 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="no Hadamard rotation of the quantized KV cache")
     p.add_argument("--no-kv-key-center", action="store_true",
                    help="no per-block key centering in the quantized KV cache (saves 2*D "
-                        "bytes per 64 tokens per KV head; see docs/quality.md)")
+                        "bytes per 128 tokens per KV head; see docs/quality.md)")
+    p.add_argument("--kv-key-bits", type=int, default=None, choices=(8, 4),
+                   help="bits of the quantized cache's keys, when not those of the values "
+                        "(default: --kv-bits; Gemma 3 with --kv-bits 4: 8, see docs/quality.md)")
 
 
 def kv_options_from_args(args) -> dict:
@@ -267,7 +274,7 @@ def kv_options_from_args(args) -> dict:
     return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
             "kv_recent": args.kv_recent, "kv_sink": args.kv_sink,
             "kv_rotation": not args.no_kv_rotation,
-            "kv_key_center": not args.no_kv_key_center}
+            "kv_key_center": not args.no_kv_key_center, "kv_key_bits": args.kv_key_bits}
 
 
 def check_kv_args(args) -> None:
@@ -277,7 +284,7 @@ def check_kv_args(args) -> None:
     check_quantized_only([args.kv_bits], **{
         "--kv-group-size": args.kv_group_size, "--kv-recent": args.kv_recent,
         "--kv-sink": args.kv_sink, "--no-kv-rotation": args.no_kv_rotation,
-        "--no-kv-key-center": args.no_kv_key_center})
+        "--no-kv-key-center": args.no_kv_key_center, "--kv-key-bits": args.kv_key_bits})
     for flag, n in (("--kv-recent", args.kv_recent), ("--kv-sink", args.kv_sink)):
         if n is not None and n < 0:
             raise MlxqError(f"{flag} must be at least 0, got {n}")
@@ -313,7 +320,7 @@ def main(argv=None):
         from .kv_flags import check_model_heads
 
         check_model_heads(model, [args.kv_group_size or 64], "use --kv-bits 16")
-    kv_options = kv_options_from_args(args)
+    kv_options = with_model_defaults(model, kv_options_from_args(args))
     prompt_cache = None
     if args.prompt_cache_file is not None:
         from .prompt_cache import load_prompt_cache

@@ -25,6 +25,7 @@ def _is_int(x) -> bool:
 @dataclass(frozen=True)
 class KVCacheConfig:
     """bits: 16 (full precision), 8 or 4. The others apply to quantized caches only:
+    key_bits (8 or 4: the keys' bits when they differ from the values'; None: ``bits``),
     group_size (elements per scale/bias along head_dim), rotation (randomized Hadamard
     rotation of K/V/Q per layer, signs from ``seed``), recent (newest tokens kept in
     float16), sink (first tokens kept in float16), step (tokens a buffer grows by),
@@ -39,11 +40,18 @@ class KVCacheConfig:
     sink: int = DEFAULT_SINK
     step: int = 256
     key_center: bool = True
+    key_bits: int | None = None
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS or not _is_int(self.bits):
             raise MlxqError(f"kv_bits={self.bits!r} is not supported; choose one of "
                             f"{', '.join(map(str, SUPPORTED_BITS))}")
+        if self.key_bits is not None and (self.key_bits not in (8, 4) or not _is_int(self.key_bits)
+                                          or self.bits == 16):
+            raise MlxqError(f"kv_key_bits={self.key_bits!r} is not supported; choose 8 or 4, "
+                            "with kv_bits 8 or 4")
+        if self.key_bits == self.bits:  # one spelling per layout (equal configs compare equal)
+            object.__setattr__(self, "key_bits", None)
         if self.group_size not in SUPPORTED_GROUP_SIZES or not _is_int(self.group_size):
             raise MlxqError(f"kv_group_size={self.group_size!r} is not supported; choose one "
                             f"of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
@@ -65,11 +73,18 @@ class KVCacheConfig:
         return self.bits < 16
 
     @property
+    def keys_bits(self) -> int:
+        """The keys' bits (``key_bits``, else ``bits``)."""
+        return self.bits if self.key_bits is None else self.key_bits
+
+    @property
     def name(self) -> str:
-        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w256-s4``."""
+        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w256-s4`` (``int4-k8-...``: keys in
+        8 bits, values in 4)."""
         if not self.quantized:
             return "fp"
-        return (f"int{self.bits}-g{self.group_size}" + ("-rot" if self.rotation else "")
+        return (f"int{self.bits}" + (f"-k{self.key_bits}" if self.key_bits else "")
+                + f"-g{self.group_size}" + ("-rot" if self.rotation else "")
                 + ("-kc" if self.key_center else "")
                 + (f"-w{self.recent}" if self.recent else "")
                 + (f"-s{self.sink}" if self.sink else ""))

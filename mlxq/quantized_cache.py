@@ -74,6 +74,10 @@ class QuantizedOptions:
         return self.config.bits
 
     @property
+    def key_bits(self) -> int | None:
+        return self.config.key_bits
+
+    @property
     def group_size(self) -> int:
         return self.config.group_size
 
@@ -92,12 +96,12 @@ class QuantizedOptions:
         rotation = None if rotated else self.rotation
         if self.backend == "reference":
             return reference_append_rows(keys, values, rotation, self.bits, self.group_size,
-                                         center)
+                                         center, self.key_bits)
         signs = self.signs if self.kernel_rotates and not rotated else None
         if rotation is not None and signs is None:
             keys, values = rotation.forward(keys), rotation.forward(values)
         return append_rows(keys, values, signs, self.bits, self.group_size, self.backend,
-                           center)
+                           center, self.key_bits)
 
     def window_block(self, fp, n: int):
         """The float16 rows of positions [n - CENTER_BLOCK, n) from ``fp``'s ring (all of
@@ -134,7 +138,8 @@ class QuantizedOptions:
     def block_center(self, rows, center):
         """The next block's key center (B, H, 1, D) float16: the mean of a completed block's
         keys as stored, from its ``rows`` (B, H, CENTER_BLOCK, ROW) and ``center``."""
-        keys, _ = dequantize_rows(rows, self.head_dim, self.bits, self.group_size)
+        keys, _ = dequantize_rows(rows, self.head_dim, self.bits, self.group_size,
+                                  key_bits=self.key_bits)
         return (keys.mean(axis=2, keepdims=True)
                 + center.astype(mx.float32)).astype(mx.float16)
 
@@ -282,7 +287,7 @@ class QuantizedKVCache(QuantizedOptions):
         if rows <= have:
             return
         extra = mx.zeros((B, H, store_capacity(self.config, rows) - have,
-                          row_words(D, self.bits, self.group_size)), mx.uint32)
+                          row_words(D, self.bits, self.group_size, self.key_bits)), mx.uint32)
         self.store = extra if self.store is None else mx.concatenate([self.store, extra], 2)
 
     def _ensure_fp(self, B, H, D, slots):
@@ -396,6 +401,6 @@ def quantized_nbytes(config: KVCacheConfig, heads: int, head_dim: int, tokens: i
     slots = fp_capacity(config, min(tokens, S) + min(R, max(0, tokens - S)))
     centers = (centers_capacity(config, tokens - S)
                if config.key_center and tokens > S else 0)
-    return (heads * rows * row_bytes(head_dim, config.bits, config.group_size)
+    return (heads * rows * row_bytes(head_dim, config.bits, config.group_size, config.key_bits)
             + fp16_bytes(1, heads, slots, head_dim, head_dim)
             + heads * centers * head_dim * 2)

@@ -22,8 +22,8 @@ import mlx.core as mx
 from .backend import BACKENDS, metal_available
 from .errors import MlxqError, cli_main
 
-# (batch, q_tokens, head_dim, gqa, kv_heads, bits, group, sink, recent, lens, rotate);
-# lens: (tokens, window tokens) per sequence.
+# (batch, q_tokens, head_dim, gqa, kv_heads, bits, group, sink, recent, lens, rotate
+#  [, key bits]); lens: (tokens, window tokens) per sequence.
 DECODE_CASES = [
     (1, 1, 64, 3, 3, 4, 64, 4, 256, [(3, 0)], True),
     (1, 1, 64, 1, 2, 4, 64, 0, 0, [(31, 0)], False),
@@ -36,9 +36,12 @@ DECODE_CASES = [
     (1, 1, 128, 4, 8, 4, 64, 4, 256, [(4096, 256)], True),
     (1, 1, 128, 4, 2, 4, 64, 4, 256, [(8200, 256)], True),
     (2, 1, 96, 3, 1, 4, 32, 4, 16, [(129, 16), (70, 9)], False),
+    (1, 1, 256, 4, 1, 4, 64, 4, 256, [(2000, 256)], True, 8),  # Gemma 3: 8-bit keys
 ]
 QUICK_CASES = DECODE_CASES[:4]
-APPEND_CASES = [(4, 64, 64), (4, 32, 128), (8, 64, 128), (4, 128, 256), (8, 32, 96)]
+# (bits, group, head_dim[, key bits])
+APPEND_CASES = [(4, 64, 64), (4, 32, 128), (8, 64, 128), (4, 128, 256), (8, 32, 96),
+                (4, 64, 256, 8)]
 
 
 def _rel_err(out, ref) -> float:
@@ -46,7 +49,7 @@ def _rel_err(out, ref) -> float:
     return (mx.abs(out - ref).max() / mx.abs(ref).max()).item()
 
 
-def check_append(backend, bits, gs, D):
+def check_append(backend, bits, gs, D, key_bits=None):
     from .kernels.kv_append import append_rows, reference_append_rows
     from .kernels.kv_layout import dequantize_rows
     from .rotation import HadamardRotation
@@ -55,11 +58,13 @@ def check_append(backend, bits, gs, D):
     values = mx.random.normal((1, 4, 3, D), key=mx.random.key(D + 1))
     rotate = D & (D - 1) == 0
     rot = HadamardRotation(D, 5, 1) if rotate else None
-    fp, q = append_rows(keys, values, mx.array(rot._signs) if rot else None, bits, gs, backend)
-    fp_ref, q_ref = reference_append_rows(keys, values, rot, bits, gs)
+    fp, q = append_rows(keys, values, mx.array(rot._signs) if rot else None, bits, gs, backend,
+                        key_bits=key_bits)
+    fp_ref, q_ref = reference_append_rows(keys, values, rot, bits, gs, key_bits=key_bits)
     err = max(_rel_err(fp, fp_ref),
-              *(_rel_err(a, b) for a, b in zip(dequantize_rows(q, D, bits, gs),
-                                               dequantize_rows(q_ref, D, bits, gs))))
+              *(_rel_err(a, b) for a, b in zip(dequantize_rows(q, D, bits, gs, key_bits=key_bits),
+                                               dequantize_rows(q_ref, D, bits, gs,
+                                                               key_bits=key_bits))))
     # One quantization step of a unit-variance group is ~1/8 (4-bit) of its range.
     return err, err < (0.1 if bits == 4 else 0.01)
 
@@ -70,20 +75,23 @@ def check_decode(backend, case):
     from .kernels.segmented_attention import cache_segments, segmented_attention
     from .rotation import HadamardRotation
 
-    B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case
+    B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case[:11]
+    key_bits = case[11] if len(case) > 11 else None
     k0, k1, k2 = mx.random.split(mx.random.key(len(lens) + D + G), 3)
     rows = max(max(0, n - sink) for n, _ in lens) + 8
     x = mx.random.normal((B, Hkv, rows, D), key=k0)
-    _, store = reference_append_rows(x, -x, None, bits, gs)
+    _, store = reference_append_rows(x, -x, None, bits, gs, key_bits=key_bits)
     fp = mx.random.normal((B, Hkv, sink + recent + 1, 2 * D), key=k1).astype(mx.float16)
     q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=k2)
     scale = 1 / math.sqrt(D)
     rot = HadamardRotation(D, 3, 0) if rotate else None
     out = segmented_decode_attention(q, store, fp, lens, sink, recent, scale, bits, gs,
-                                     mx.array(rot._signs) if rot else None, backend)
+                                     mx.array(rot._signs) if rot else None, backend,
+                                     key_bits=key_bits)
     positions = mx.array([[n - Lq + t for t in range(Lq)] for n, _ in lens], dtype=mx.int32)
     ref = segmented_attention(rot.forward(q) if rot else q, positions,
-                              cache_segments(store, fp, lens, sink, recent, D, bits, gs), scale)
+                              cache_segments(store, fp, lens, sink, recent, D, bits, gs,
+                                             key_bits=key_bits), scale)
     err = _rel_err(out, rot.inverse(ref) if rot else ref)
     return err, err < 2e-4
 
@@ -161,12 +169,14 @@ def main(argv=None):
     print(f"- backend: {backend}\n")
     print("| check | shape | max rel. error | result |\n|---|---|---|---|")
     failures = 0
-    checks = [("append", f"bits {b} g{g} d{d}", lambda b=b, g=g, d=d: check_append(backend, b, g, d))
-              for b, g, d in APPEND_CASES]
+    checks = [("append", f"bits {c[0]} g{c[1]} d{c[2]}" + (f" keys {c[3]}" if len(c) > 3 else ""),
+               lambda c=c: check_append(backend, *c)) for c in APPEND_CASES]
     checks += [("decode", "B{} L{} d{} G{} Hkv{} b{} g{} sink{} recent{} n{}".format(
-        *c[:9], "/".join(str(n) for n, _ in c[9])), lambda c=c: check_decode(backend, c))
+        *c[:9], "/".join(str(n) for n, _ in c[9])) + (f" keys {c[11]}" if len(c) > 11 else ""),
+        lambda c=c: check_decode(backend, c))
         for c in (QUICK_CASES if args.quick else DECODE_CASES)]
-    checks.append(("cache", "int4 d128 recent 16 sink 4, 62 tokens", lambda: check_cache(backend)))
+    checks.append(("cache", "int4 d128 recent 16 / 128 sink 4, 135 tokens",
+                   lambda: check_cache(backend)))
     for name, shape, run in checks:
         try:
             err, ok = run()

@@ -132,7 +132,8 @@ def _same_cache(got, want):
 
 
 @pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3),
-                                    KVCacheConfig(4, 32, recent=140, sink=2)])
+                                    KVCacheConfig(4, 32, recent=140, sink=2),
+                                    KVCacheConfig(4, 64, recent=16, sink=1, key_bits=8)])
 def test_extract_equals_the_sequence_appended_alone(config):
     """Sequences of 1, 5, 124 tokens (+ one that joins later, and one that leaves) get the
     same tokens appended in a batch and alone: ``extract`` gives back exactly the cache

@@ -278,16 +278,17 @@ def test_attention_error_reads_the_caches_own_key_centering():
     import numpy as np
     from benchmarks import kv_attention_error as kae
     from mlxq.evaluate import parse_format
+    from mlxq.kernels.kv_layout import CENTER_BLOCK as CB
 
     rng = np.random.default_rng(1)
-    noise = rng.standard_normal((2, 192, 64)).astype(np.float32)
+    noise = rng.standard_normal((2, 3 * CB, 64)).astype(np.float32)
     keys = noise + 20 * rng.standard_normal((2, 1, 64)).astype(np.float32)
     plain, _ = kae.cache_stored_kv(keys, keys, parse_format("int4-g64"), 0)
     stored, _ = kae.cache_stored_kv(keys, keys, parse_format("int4-g64-kc"), 0, chunk=8)
-    own, _ = kae.cache_stored_kv(keys, keys, parse_format("int4-g64-kc-w64"), 0, chunk=8)
-    prefilled, _ = kae.cache_stored_kv(keys, keys, parse_format("int4-g64-kc"), 0)
+    own, _ = kae.cache_stored_kv(keys, keys, parse_format(f"int4-g64-kc-w{CB}"), 0, chunk=8)
+    prefilled, _ = kae.cache_stored_kv(keys, keys, parse_format("int4-g64-kc"), 0, chunk=2 * CB)
     err = lambda x, s: float(np.abs(x[:, s] - keys[:, s]).mean())  # noqa: E731
-    first, rest = slice(0, 64), slice(64, None)
+    first, rest = slice(0, CB), slice(CB, None)
     assert err(stored, first) == err(plain, first)
     assert err(stored, rest) < err(plain, rest) / 5
     for x in (own, prefilled):

@@ -155,12 +155,14 @@ def test_cli_reports_and_writes_json(default_model_dir, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["format"] for r in report["results"]] == ["fp", "int8-g64-rot-kc"]
     # No window or sink: every token is one int8 row of codes plus a (scale, bias) half
-    # pair per group of 64, for keys and values, and a 64th of a float16 key center,
-    # against 2 x 64 float16 values.
+    # pair per group of 64, for keys and values, and a CENTER_BLOCK-th of a float16 key
+    # center, against 2 x 64 float16 values.
+    from mlxq.kernels.kv_layout import CENTER_BLOCK
+
     d = 64
-    row = 2 * (d + 4 * (d // 64)) + 2 * d / 64
+    row = 2 * (d + 4 * (d // 64)) + 2 * d / CENTER_BLOCK
     assert report["results"][1]["kv_bytes_ratio"] == pytest.approx(row / (2 * d * 2))
-    assert "0.539x" in printed
+    assert f"{row / (2 * d * 2):.3f}x" in printed
     assert report["weights"] == "dense" or mx.metal.is_available()
     # An existing report is kept unless --force, and the refusal comes before any work.
     before = out.read_text()

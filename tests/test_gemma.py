@@ -151,13 +151,17 @@ def test_logits_and_greedy_tokens_match_mlx_lm(gemma_model, gemma_model_dir):
 
 
 @pytest.mark.slow
-def test_int4_cache_on_global_layers_stays_close(gemma_model):
-    """Pure int4 (no full-precision window) on the three global layers, windows on the
-    sliding ones: the mean next-token loss over a 48-token passage stays within 5%."""
+@pytest.mark.parametrize("key_bits", [None, 4])
+def test_int4_cache_on_global_layers_stays_close(gemma_model, key_bits):
+    """Pure int4 values (no full-precision window) on the three global layers, windows on
+    the sliding ones: the mean next-token loss over a 48-token passage stays within 5%,
+    with Gemma's default 8-bit keys (kv_defaults.py) and with 4-bit keys asked for."""
     model, tok = gemma_model
     ids = tok.encode(PASSAGE)[:49]
-    caches = make_cache(model, kv_bits=4, kv_recent=0, kv_sink=0)
-    assert [type(c).__name__ for c in caches].count("QuantizedKVCache") == 3
+    caches = make_cache(model, kv_bits=4, kv_recent=0, kv_sink=0, kv_key_bits=key_bits)
+    quantized = [c for c in caches if type(c).__name__ == "QuantizedKVCache"]
+    assert len(quantized) == 3
+    assert {c.config.keys_bits for c in quantized} == {key_bits or 8}
     # Prefill 32 tokens, then decode: every later token reads the quantized buffers.
     full, _ = _nll(model, ids, make_cache(model))
     logits = [model(mx.array([ids[:32]]), cache=caches)[0]]
@@ -177,6 +181,7 @@ def test_generate_cli_with_int4_cache(gemma_model_dir):
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 5
+    assert "KV cache (int4-k8-g64-rot-kc-w256-s4)" in r.stderr  # Gemma's default keys
 
 
 @pytest.mark.slow

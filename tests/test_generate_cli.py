@@ -63,7 +63,7 @@ def test_streams_text_and_prints_stats(default_model_dir):
     assert re.search(r"[A-Za-z]{3}", proc.stdout)
     stats = proc.stderr.strip().splitlines()[-1]
     m = re.search(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generation: (\d+) tokens, "
-                  r"([\d.]+) tokens/s \| peak memory: ([\d.]+) MB \| KV cache: ([\d.]+) MB "
+                  r"([\d.]+) tokens/s \| peak memory: ([\d.]+) MB \| KV cache \(fp16\): ([\d.]+) MB "
                   r"\(([\d.]+)x fp16\)", stats)
     assert m, stats
     assert int(m[1]) > 0 and 0 < int(m[3]) <= 12

@@ -78,3 +78,23 @@ def test_layout_round_trips_mx_quantize():
     for got, want in zip(unpack_rows(pack_rows(parts_k, parts_v), 128, 4, 32),
                          (parts_k, parts_v)):
         assert all(mx.array_equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("bits,key_bits,gs,D", [(4, 8, 64, 64), (4, 8, 64, 256),
+                                                (8, 4, 32, 128)])
+def test_own_key_bits_equal_the_oracle_bit_for_bit(bits, key_bits, gs, D):
+    """Keys in ``key_bits``, values in ``bits``: each half of the row as mx.quantize packs
+    it at its own bits (centered keys too), read back by the layout."""
+    keys, values = _inputs((2, 3, 5, D), D + 2)
+    center = (10 * mx.random.normal((2, 3, 1, D), key=mx.random.key(D))).astype(mx.float16)
+    for c in (None, center):
+        fp, q = append_rows(keys, values, None, bits, gs, "emulate", c, key_bits)
+        fp_ref, q_ref = reference_append_rows(keys, values, None, bits, gs, c, key_bits)
+        assert mx.array_equal(fp, fp_ref) and mx.array_equal(q, q_ref)
+    _, q_plain = reference_append_rows(keys, values, None, bits, gs, key_bits=key_bits)
+    (kc, ks, kb), (vc, vs, vb) = unpack_rows(q_plain, D, bits, gs, key_bits)
+    k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
+    for got, want in zip((kc, ks, kb), mx.quantize(k16, group_size=gs, bits=key_bits)):
+        assert mx.array_equal(got, want)
+    for got, want in zip((vc, vs, vb), mx.quantize(v16, group_size=gs, bits=bits)):
+        assert mx.array_equal(got, want)

@@ -47,17 +47,19 @@ CASES = [
 ]
 
 
-def _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity=False):
+def _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity=False,
+                  key_bits=None):
     """Store and fp buffers as appends would leave them, with random contents."""
     k0, k1, k2 = mx.random.split(key, 3)
     valid = max(max(0, n - sink) for n, _ in lens)
     cap = valid if exact_capacity else valid + 40
     x = mx.random.normal((B, Hkv, cap, D), key=k0)
-    _, store = reference_append_rows(x, 0.5 * x[..., ::-1], None, bits, gs)
+    _, store = reference_append_rows(x, 0.5 * x[..., ::-1], None, bits, gs, key_bits=key_bits)
     # Poison everything past the valid rows: NaN scales and biases.
-    nan_words = mx.full((B, Hkv, cap, row_words(D, bits, gs)), 0x7E007E00, dtype=mx.uint32)
-    W = D * bits // 32
-    is_sb = mx.arange(row_words(D, bits, gs)) >= 2 * W
+    words = row_words(D, bits, gs, key_bits)
+    nan_words = mx.full((B, Hkv, cap, words), 0x7E007E00, dtype=mx.uint32)
+    codes = D * (key_bits or bits) // 32 + D * bits // 32
+    is_sb = mx.arange(words) >= codes
     poison = (mx.arange(cap)[:, None] >= valid) & is_sb
     store = mx.where(poison, nan_words, store)
     fcap = sink + recent + 3
@@ -73,23 +75,25 @@ def _random_centers(B, Hkv, D, lens, sink, seed):
             ).astype(mx.float16)
 
 
-def _run(case, seed=0, exact_capacity=False, sinks=None, centers=False):
+def _run(case, seed=0, exact_capacity=False, sinks=None, centers=False, key_bits=None):
     B, Lq, D, G, Hkv, bits, gs, sink, recent, lens, rotate = case
     key = mx.random.key(seed)
-    store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity)
+    store, fp = _random_cache(B, Hkv, D, bits, gs, sink, recent, lens, key, exact_capacity,
+                              key_bits)
     centers = _random_centers(B, Hkv, D, lens, sink, seed) if centers else None
     # Scaled-up queries give peaked softmax weights, so a wrong key index shows.
     q = 3 * mx.random.normal((B, Hkv * G, Lq, D), key=mx.random.split(key)[1])
     scale = 1 / math.sqrt(D)
     signs = mx.array(random_signs(D, 7, 1)) if rotate else None
     out = segmented_decode_attention(q, store, fp, lens, sink, recent, scale, bits, gs,
-                                     signs, "emulate", sinks=sinks, centers=centers)
+                                     signs, "emulate", sinks=sinks, centers=centers,
+                                     key_bits=key_bits)
     rot = HadamardRotation(D, 7, 1) if rotate else None
     q_rot = rot.forward(q) if rot else q
     positions = mx.array([[n - Lq + t for t in range(Lq)] for n, _ in lens], dtype=mx.int32)
     ref = segmented_attention(q_rot, positions,
                               cache_segments(store, fp, lens, sink, recent, D, bits, gs,
-                                             centers), scale, sinks=sinks)
+                                             centers, key_bits), scale, sinks=sinks)
     return out, rot.inverse(ref) if rot else ref
 
 
@@ -133,6 +137,26 @@ def test_kernel_with_key_centers_matches_oracle(case):
     assert _rel_err(out, ref) < 2e-4
     plain, _ = _run(case, seed=3)
     assert _rel_err(out, plain) > 0.05  # the centers matter: a kernel ignoring them fails
+
+
+# Keys and values in their own bits (key_bits): 8-bit keys with 4-bit values, and the
+# reverse; the keys' bits set the lanes per key, the values' the value loop.
+KEY_BITS_CASES = [
+    ((1, 1, 64, 3, 3, 4, 64, 4, 256, [(1024, 256)], True), 8),    # the default model
+    ((1, 1, 256, 4, 1, 4, 64, 4, 256, [(2000, 256)], True), 8),   # Gemma 3's global layers
+    ((2, 3, 128, 6, 1, 4, 128, 4, 16, [(333, 16), (150, 16)], True), 8),  # batch, LQ 3
+    ((1, 8, 64, 16, 1, 4, 32, 4, 64, [(700, 64)], True), 8),      # GQA 16, group 32
+    ((1, 2, 128, 4, 2, 8, 64, 2, 8, [(300, 8)], False), 4),       # 4-bit keys, 8-bit values
+]
+
+
+@pytest.mark.parametrize("case,key_bits", KEY_BITS_CASES,
+                         ids=[_case_id(c) + f"-k{k}" for c, k in KEY_BITS_CASES])
+def test_kernel_with_own_key_bits_matches_oracle(case, key_bits):
+    for centers in (False, True):
+        out, ref = _run(case, seed=5, centers=centers, key_bits=key_bits)
+        assert np.isfinite(np.asarray(out)).all()
+        assert _rel_err(out, ref) < 2e-4
 
 
 # Learned attention sinks (gpt_oss): one logit per query head, merged once after all blocks.

@@ -46,6 +46,8 @@ def _cache(backend="reference", **options):
     ({"bits": 4, "sink": 1.5}, r"kv_sink must be a non-negative"),
     ({"bits": 4, "step": 0}, r"step must be a positive"),
     ({"bits": 4, "rotation": "yes"}, r"kv_rotation must be True or False"),
+    ({"bits": 4, "key_bits": 16}, r"kv_key_bits=16 .*8 or 4"),
+    ({"bits": 16, "key_bits": 8}, r"kv_key_bits=8 .*with kv_bits 8 or 4"),
 ])
 def test_bad_options_are_one_clear_error(options, message):
     with pytest.raises(MlxqError, match=message):
@@ -69,6 +71,43 @@ def test_mismatched_value_head_dim_is_an_error():
     q, k, _ = _qkv(2, 0)
     with pytest.raises(MlxqError, match="one head_dim"):
         attend(q, k, mx.zeros((B, HKV, 2, 128)), cache, SCALE)
+
+
+def test_key_bits_name_a_format_of_their_own():
+    from mlxq.evaluate import parse_format
+
+    k8 = KVCacheConfig(4, key_bits=8)
+    assert (k8.keys_bits, k8.name) == (8, "int4-k8-g64-rot-kc-w256-s4")
+    assert parse_format(k8.name) == k8 and parse_format("int8-k4-g32") == KVCacheConfig(
+        8, 32, rotation=False, recent=0, sink=0, key_center=False, key_bits=4)
+    # The same bits spelled out are the same config (one name per layout).
+    assert KVCacheConfig(4, key_bits=4) == KVCacheConfig(4)
+    assert KVCacheConfig(4, key_bits=4).name == "int4-g64-rot-kc-w256-s4"
+    # Rows: 8-bit key codes, 4-bit value codes, and the same scales and biases.
+    fp16 = 4 * 64
+    q4, q8 = (_cache(key_bits=kb, key_center=False) for kb in (None, 8))
+    for c in (q4, q8):
+        attend(*_qkv(10, 1), c, SCALE)
+    assert q4.store.shape[-1] * 4 == 64 // 2 * 2 + 8 and q8.store.shape[-1] * 4 == 64 + 32 + 8
+    assert q8.nbytes / q8.fp16_nbytes == pytest.approx((64 + 32 + 8) / fp16)
+
+
+def test_gemma3_defaults_to_8_bit_keys_under_int4(monkeypatch):
+    """The per-model default (kv_defaults.py) fills in unset key bits only, only for 4-bit
+    values, only for Gemma 3; a KVCacheConfig passed as such is taken as it is."""
+    monkeypatch.setenv("MLXQ_KERNELS", "emulate")
+
+    def model(model_type):
+        return types.SimpleNamespace(layers=[object()] * 2, head_dim=64, model_type=model_type)
+
+    def keys(m, config=None, **options):
+        return make_cache(m, config, **options)[0].config.keys_bits
+
+    assert keys(model("gemma3_text"), kv_bits=4) == 8
+    assert keys(model("gemma3_text"), kv_bits=4, kv_key_bits=4) == 4
+    assert keys(model("gemma3_text"), kv_bits=8) == 8
+    assert keys(model("gemma3_text"), KVCacheConfig(4)) == 4
+    assert keys(model("llama"), kv_bits=4) == keys(model(None), kv_bits=4) == 4
 
 
 def test_make_cache_builds_quantized_caches_with_one_config(monkeypatch):
@@ -132,12 +171,13 @@ class Shadow:
         self.center = mx.zeros((B, HKV, 1, D), mx.float32)  # the current block's key center
         self.block = []  # the current block's keys as stored, less its center
 
-    def _dequantized(self, x):
+    def _dequantized(self, x, keys=False):
         # scale * code + bias in float32 from their stored float16, as the kernels compute it
         c = self.c
-        codes, scales, biases = mx.quantize(x, group_size=c.group_size, bits=c.bits)
+        bits = c.config.keys_bits if keys else c.bits
+        codes, scales, biases = mx.quantize(x, group_size=c.group_size, bits=bits)
         scales, biases = (y.astype(mx.float16).astype(mx.float32) for y in (scales, biases))
-        return mx.dequantize(codes, scales, biases, group_size=c.group_size, bits=c.bits)
+        return mx.dequantize(codes, scales, biases, group_size=c.group_size, bits=bits)
 
     def add(self, k, v):
         c = self.c
@@ -152,7 +192,7 @@ class Shadow:
             row = len(self.fp) - c.sink  # the token's store row (< 0: in the sink)
             kt, vt = k16[:, :, t:t + 1], v16[:, :, t:t + 1]
             center = self.center if row >= 0 else mx.zeros(kt.shape, mx.float32)
-            dk = self._dequantized(kt.astype(mx.float32) - center)
+            dk = self._dequantized(kt.astype(mx.float32) - center, keys=True)
             self.fp.append((kt[:, :, 0].astype(mx.float32), vt[:, :, 0].astype(mx.float32)))
             self.deq.append(((dk + center)[:, :, 0], self._dequantized(vt)[:, :, 0]))
             if c.config.key_center and row >= 0:
@@ -173,7 +213,7 @@ class Shadow:
             keys = mx.stack([self.fp[p][0] for p in range(start, n)], axis=2)
             self.center = keys.mean(axis=2, keepdims=True).astype(mx.float16).astype(mx.float32)
             for p in range(start, n):
-                dk = self._dequantized(self.fp[p][0][:, :, None] - self.center)
+                dk = self._dequantized(self.fp[p][0][:, :, None] - self.center, keys=True)
                 self.deq[p] = ((dk + self.center)[:, :, 0], self.deq[p][1])
         else:
             mean = mx.concatenate(self.block, axis=2).mean(axis=2, keepdims=True)
@@ -202,6 +242,8 @@ STEPS = [(10, 1), (1, 2), (30, 3), (3, 4), (8, 5), (1, 6)] + [(1, s) for s in ra
     ("reference", {"recent": 16, "sink": 0, "rotation": True}),
     ("reference", {"recent": 0, "sink": 0, "bits": 8}),
     ("reference", {"recent": 128, "sink": 1}),  # blocks re-centered from the window
+    ("reference", {"recent": 16, "sink": 3, "key_bits": 8}),  # 8-bit keys, 4-bit values
+    ("emulate", {"recent": 128, "sink": 2, "rotation": True, "key_bits": 8}),
     ("emulate", {"recent": 16, "sink": 3, "rotation": True}),
     ("emulate", {"recent": 5, "sink": 0, "group_size": 32}),
     ("emulate", {"recent": 0, "sink": 2}),

@@ -44,7 +44,7 @@ class DecodePlan:
 
 def plan_decode(batch, kv_heads, gqa, q_len, head_dim, bits, store_rows, fp_slots):
     """The launch for ``store_rows`` int4/int8 rows and ``fp_slots`` float16 slots to read
-    (the longest sequence's), see the kernel file."""
+    (the longest sequence's), see the kernel file; ``bits``: the keys'."""
     rows = gqa * q_len
     rt_cap = max(1, REGISTER_BUDGET // (head_dim // 32))
     chunks = -(-rows // rt_cap)
@@ -91,15 +91,16 @@ def _merge_kernel(backend: str):
 
 
 def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bits,
-                               group_size, signs, backend, sinks=None, centers=None):
+                               group_size, signs, backend, sinks=None, centers=None,
+                               key_bits=None):
     """Causal attention of ``queries`` (B, Hq, Lq<=8, D) over the cache's segments.
 
     store: (B, Hkv, cap, ROW) uint32 whole buffer; fp: (B, Hkv, fcap, 2D) float16 whole
     buffer; lens: list of (tokens, window tokens) per sequence; sink: the cache's float16
     first tokens; signs: (D,) float32 of the rotation applied in-kernel, or None; sinks:
     (Hq,) learned sink logits (gpt_oss; the merge adds them), or None; centers: (B, Hkv,
-    blocks, D) float16 key centers of the store (kv_layout), or None. Returns (B, Hq, Lq,
-    D) in the queries' dtype."""
+    blocks, D) float16 key centers of the store (kv_layout), or None; bits: the values' (and
+    the keys', unless key_bits). Returns (B, Hq, Lq, D) in the queries' dtype."""
     B, Hq, Lq, D = queries.shape
     Hkv, cap = store.shape[1], store.shape[2]
     fcap = fp.shape[2]
@@ -111,7 +112,7 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
         queries = queries.astype(mx.float32)
     store_rows = max(max(0, n - sink - n_w) for n, n_w in lens)
     fp_slots = min(fcap, sink + recent)
-    p = plan_decode(B, Hkv, Hq // Hkv, Lq, D, bits, store_rows, fp_slots)
+    p = plan_decode(B, Hkv, Hq // Hkv, Lq, D, key_bits or bits, store_rows, fp_slots)
     rows = B * Hq * Lq
     signs_in = signs if signs is not None else mx.zeros((1,), mx.float32)
     params = mx.array([cap, fcap, sink, recent, p.block, p.store_blocks, p.n_blocks,
@@ -122,8 +123,8 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
         inputs=[queries, store, fp,
                 centers if centers is not None else mx.zeros((1,), mx.float16), signs_in,
                 mx.array(lens, dtype=mx.int32), params, mx.array([scale], dtype=mx.float32)],
-        template=[("T", queries.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("G", Hq // Hkv), ("LQ", Lq), ("RT", p.rows_per_tg), ("NSG", SIMDGROUPS),
+        template=[("T", queries.dtype), ("D", D), ("BITS", bits), ("KBITS", key_bits or bits),
+                  ("GS", group_size), ("G", Hq // Hkv), ("LQ", Lq), ("RT", p.rows_per_tg), ("NSG", SIMDGROUPS),
                   ("LPK", p.lanes_per_key), ("ROTATE", signs is not None),
                   ("CENTER", centers is not None), ("CENTER_BLOCK", CENTER_BLOCK)],
         grid=(p.n_blocks * nt, Hkv, B * p.row_chunks),
@@ -146,10 +147,11 @@ def segmented_decode_attention(queries, store, fp, lens, sink, recent, scale, bi
 
 
 def bytes_read(batch, kv_heads, store_rows, fp_slots, head_dim, bits, group_size,
-               key_center: bool = False) -> int:
+               key_center: bool = False, key_bits: int | None = None) -> int:
     """Cache bytes pass 1 reads per step: store rows (K and V codes, scales, biases) plus
     float16 K and V of the sink and window slots (plus the store's key centers)."""
-    per_head = store_rows * row_bytes(head_dim, bits, group_size) + fp_slots * 4 * head_dim
+    per_head = (store_rows * row_bytes(head_dim, bits, group_size, key_bits)
+                + fp_slots * 4 * head_dim)
     if key_center:
         per_head += center_blocks(store_rows) * 2 * head_dim
     return batch * kv_heads * per_head

@@ -33,20 +33,23 @@ def _kernel(backend: str):
     )
 
 
-def reference_append_rows(keys, values, rotation, bits: int, group_size: int, center=None):
+def reference_append_rows(keys, values, rotation, bits: int, group_size: int, center=None,
+                          key_bits: int | None = None):
     """(fp_rows (..., 2D) float16, q_rows (..., ROW) uint32) with plain MLX ops.
     ``rotation``: None or an object with ``forward(x)`` (x @ R); ``center``: None or
-    (B, H, 1, D) float16 subtracted from the keys (B, H, L, D) before quantizing."""
+    (B, H, 1, D) float16 subtracted from the keys (B, H, L, D) before quantizing; ``bits``
+    the values' (and the keys', unless ``key_bits``)."""
     if rotation is not None:
         keys, values = rotation.forward(keys), rotation.forward(values)
     k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
     k_in = k16 if center is None else k16.astype(mx.float32) - center.astype(mx.float32)
-    q_rows = pack_rows(mx.quantize(k_in, group_size=group_size, bits=bits),
+    q_rows = pack_rows(mx.quantize(k_in, group_size=group_size, bits=key_bits or bits),
                        mx.quantize(v16, group_size=group_size, bits=bits))
     return mx.concatenate([k16, v16], axis=-1), q_rows
 
 
-def append_rows(keys, values, signs, bits: int, group_size: int, backend: str, center=None):
+def append_rows(keys, values, signs, bits: int, group_size: int, backend: str, center=None,
+                key_bits: int | None = None):
     """Kernel version of ``reference_append_rows`` with the rotation given by its ``signs``
     (D,) float32 (None: no rotation). keys/values (..., D), D a power of two if rotated;
     ``center`` as there (keys then (B, H, L, D))."""
@@ -64,11 +67,12 @@ def append_rows(keys, values, signs, bits: int, group_size: int, backend: str, c
         inputs=[keys, values, signs if signs is not None else mx.zeros((1,), mx.float32),
                 center if center is not None else mx.zeros((1,), mx.float16),
                 mx.array([keys.shape[-2] if center is not None else 1], dtype=mx.int32)],
-        template=[("T", keys.dtype), ("D", D), ("BITS", bits), ("GS", group_size),
+        template=[("T", keys.dtype), ("D", D), ("BITS", bits), ("KBITS", key_bits or bits),
+                  ("GS", group_size),
                   ("ROTATE", signs is not None), ("CENTER", center is not None)],
         grid=(rows * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(*lead, 2 * D), (*lead, row_words(D, bits, group_size))],
+        output_shapes=[(*lead, 2 * D), (*lead, row_words(D, bits, group_size, key_bits))],
         output_dtypes=[mx.float16, mx.uint32],
     )
     return fp_rows, q_rows

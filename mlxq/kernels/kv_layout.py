@@ -1,9 +1,10 @@
 """The int4/int8 store's row layout, shared by the append kernel, the attention kernel and
 the oracle.
 
-One row per token per KV head, ROW = 2*W + 2*NG uint32 words (W = D*bits/32 code words,
-NG = D/group_size groups): ``[key codes W | value codes W | key (scale, bias) NG | value
-(scale, bias) NG]``. Codes use MLX's affine packing (element 0 in the low bits); each
+One row per token per KV head, ROW = WK + WV + 2*NG uint32 words (WK = D*key_bits/32 and
+WV = D*bits/32 code words, NG = D/group_size groups): ``[key codes WK | value codes WV | key
+(scale, bias) NG | value (scale, bias) NG]``. Keys and values have the same bits unless a
+config sets ``key_bits`` (keys carry most of the error: 8-bit keys with 4-bit values). Codes use MLX's affine packing (element 0 in the low bits); each
 (scale, bias) pair is two float16 in one word (scale in the low half), so ``w = scale * code
 + bias`` exactly as ``mx.dequantize``. A token is one contiguous row: one slice update
 writes it and the kernel reads it with one run of loads.
@@ -32,13 +33,15 @@ def code_words(head_dim: int, bits: int) -> int:
     return head_dim * bits // 32
 
 
-def row_words(head_dim: int, bits: int, group_size: int) -> int:
-    return 2 * code_words(head_dim, bits) + 2 * (head_dim // group_size)
+def row_words(head_dim: int, bits: int, group_size: int, key_bits: int | None = None) -> int:
+    """Words per row; ``bits`` are the values' (and the keys', unless ``key_bits``)."""
+    return (code_words(head_dim, key_bits or bits) + code_words(head_dim, bits)
+            + 2 * (head_dim // group_size))
 
 
-def row_bytes(head_dim: int, bits: int, group_size: int) -> int:
+def row_bytes(head_dim: int, bits: int, group_size: int, key_bits: int | None = None) -> int:
     """Bytes per token per KV head (keys and values)."""
-    return 4 * row_words(head_dim, bits, group_size)
+    return 4 * row_words(head_dim, bits, group_size, key_bits)
 
 
 def center_blocks(rows: int) -> int:
@@ -70,24 +73,27 @@ def _row_contiguous(x):
     return x.reshape(-1).reshape(x.shape)
 
 
-def unpack_rows(rows, head_dim: int, bits: int, group_size: int):
+def unpack_rows(rows, head_dim: int, bits: int, group_size: int, key_bits: int | None = None):
     """rows (..., ROW) -> ((codes, scales, biases) of keys, same of values)."""
-    W, NG = code_words(head_dim, bits), head_dim // group_size
+    WK, WV = code_words(head_dim, key_bits or bits), code_words(head_dim, bits)
+    NG, W = head_dim // group_size, WK + WV
 
     def pairs(words):
         halves = _row_contiguous(words).view(mx.float16)
         return halves[..., 0::2], halves[..., 1::2]
 
-    ks, kb = pairs(rows[..., 2 * W:2 * W + NG])
-    vs, vb = pairs(rows[..., 2 * W + NG:2 * W + 2 * NG])
-    return (rows[..., :W], ks, kb), (rows[..., W:2 * W], vs, vb)
+    ks, kb = pairs(rows[..., W:W + NG])
+    vs, vb = pairs(rows[..., W + NG:W + 2 * NG])
+    return (rows[..., :WK], ks, kb), (rows[..., WK:W], vs, vb)
 
 
-def dequantize_rows(rows, head_dim: int, bits: int, group_size: int, dtype=mx.float32):
+def dequantize_rows(rows, head_dim: int, bits: int, group_size: int, dtype=mx.float32,
+                    key_bits: int | None = None):
     """rows (..., ROW) -> (keys, values) (..., D) in ``dtype``."""
-    parts = unpack_rows(rows, head_dim, bits, group_size)
+    parts = unpack_rows(rows, head_dim, bits, group_size, key_bits)
     return tuple(mx.dequantize(_row_contiguous(c), s.astype(dtype), b.astype(dtype),
-                               group_size=group_size, bits=bits) for c, s, b in parts)
+                               group_size=group_size, bits=nbits)
+                 for (c, s, b), nbits in zip(parts, (key_bits or bits, bits)))
 
 
 def add_key_centers(keys, centers, first_row: int):

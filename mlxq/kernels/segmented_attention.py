@@ -40,13 +40,14 @@ class QuantSegment:
     rows: mx.array       # (B, Hkv, >= count, ROW) uint32: the store's whole buffer
     count: int           # rows [0, count) are read
     positions: mx.array  # (B or 1, count) int32
-    bits: int
+    bits: int            # the values' (and the keys', unless key_bits)
     group_size: int
     centers: mx.array | None = None  # (B, Hkv, blocks, D) float16 key centers, or None
+    key_bits: int | None = None
 
 
 def cache_segments(store, fp, lens, sink: int, recent: int, head_dim: int, bits: int,
-                   group_size: int, centers=None) -> list:
+                   group_size: int, centers=None, key_bits: int | None = None) -> list:
     """The segments of an int4/int8 cache (layout in quantized_cache.py): ``store`` rows,
     ``fp`` slots (sink, then the ring of the newest tokens), ``lens`` = [(tokens, window
     tokens)] per sequence (sequences may differ), ``centers`` the store's key centers (or
@@ -59,7 +60,8 @@ def cache_segments(store, fp, lens, sink: int, recent: int, head_dim: int, bits:
     if store_rows:
         i = mx.arange(store_rows, dtype=mx.int32)[None]
         pos = mx.where(i < n - sink - n_w, sink + i, -1)
-        segments.append(QuantSegment(store, store_rows, pos, bits, group_size, centers))
+        segments.append(QuantSegment(store, store_rows, pos, bits, group_size, centers,
+                                     key_bits))
     slots = 0 if fp is None else min(fp.shape[2], sink + recent)
     if slots:
         j = mx.arange(slots, dtype=mx.int32)[None]
@@ -106,7 +108,8 @@ def segmented_attention(queries, q_positions, segments, scale, block=None, sinks
             # scheduler cannot run several blocks at once and keep their scores alive.
             if isinstance(seg, QuantSegment):
                 (rows,) = mx.depends([seg.rows[:, :, start:stop]], list(state))
-                k, v = dequantize_rows(rows, D, seg.bits, seg.group_size)
+                k, v = dequantize_rows(rows, D, seg.bits, seg.group_size,
+                                       key_bits=seg.key_bits)
                 if seg.centers is not None:
                     k = add_key_centers(k, seg.centers, start)
             else:

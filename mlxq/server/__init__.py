@@ -30,11 +30,14 @@ def create_server(model, tokenizer, model_id: str, *, kv_options: dict | None = 
     """The server for a loaded model; ``server.app`` is the ASGI app (its startup starts
     the scheduler thread, its shutdown stops it)."""
     from ..generate import context_length
+    from ..kv_defaults import with_model_defaults
 
     if prompt_cache_bytes is None:
         prompt_cache_bytes = max_kv_bytes // 4
     prefix_cache = PrefixCache(prompt_cache_size, min(prompt_cache_bytes, max_kv_bytes))
-    scheduler = Scheduler(model, tokenizer, kv_options or {}, prefix_cache,
+    # The model's defaults once, here: every cache, batch and byte estimate then agrees.
+    scheduler = Scheduler(model, tokenizer, with_model_defaults(model, kv_options or {}),
+                          prefix_cache,
                           decode_concurrency=decode_concurrency, max_kv_bytes=max_kv_bytes,
                           max_waiting=max_waiting, prefill_step_size=prefill_step_size)
     served = ServedModel(id=model_id, aliases=tuple(aliases),

@@ -284,6 +284,8 @@ CLI_CASES = [
     ("generate", ["--kv-recent", "0"], "quantized KV cache only"),
     ("generate", ["--no-kv-rotation"], "quantized KV cache only"),
     ("generate", ["--kv-group-size", "32"], "quantized KV cache only"),
+    ("generate", ["--kv-key-bits", "8"], "quantized KV cache only"),
+    ("generate", ["--kv-bits", "4", "--kv-key-bits", "2"], "--kv-key-bits"),
     ("generate", ["--kv-bits", "4", "--kv-sink", "-1"], "--kv-sink"),
     ("generate", ["--prompt", "  "], "empty"),
     ("generate", ["--prompt", NOT_UTF8], "UTF-8"),

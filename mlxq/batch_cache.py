@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import MlxqError
-from .kernels.kv_layout import CENTER_BLOCK, fp16_bytes, row_bytes, row_words
+from .kernels.kv_layout import CENTER_BLOCK, fp16_bytes, held_centers, row_bytes, row_words
 from .kv_config import KVCacheConfig
 from .quantized_cache import QuantizedKVCache, QuantizedOptions, round_up, store_capacity
 
@@ -41,7 +41,7 @@ def store_rows(config: KVCacheConfig, longest: int) -> int:
 def batch_centers(config: KVCacheConfig, rows: int) -> int:
     """Key centers per sequence of a batch whose store has ``rows`` rows (0: no centering):
     one per block of rows, plus the block after the last."""
-    return rows // CENTER_BLOCK + 1 if config.key_center else 0
+    return held_centers(rows) if config.key_center else 0
 
 
 def batch_nbytes(config: KVCacheConfig, heads: int, head_dim: int, sequences: int,
@@ -179,7 +179,7 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
             cache.center = _gather(self.center, [i], 1)
             if n > S:
                 cache._ensure_centers(1, H, D, n - S)
-                blocks = (n - S) // CENTER_BLOCK + 1
+                blocks = held_centers(n - S)
                 cache.centers[:, :, :blocks] = _gather(self.centers, [i], blocks)
         cache.offset, cache.window_length = n, self.window_lengths[i]
         return cache

@@ -21,7 +21,6 @@ from .cache import (
     make_cache,
 )
 from .errors import ArgumentParser, MlxqError, cli_main
-from .kv_defaults import with_model_defaults
 from .prompt import check_token_ids, encode_prompt, is_utf8_text, read_prompt_stdin
 from .sampling import make_sampler
 
@@ -320,7 +319,7 @@ def main(argv=None):
         from .kv_flags import check_model_heads
 
         check_model_heads(model, [args.kv_group_size or 64], "use --kv-bits 16")
-    kv_options = with_model_defaults(model, kv_options_from_args(args))
+    kv_options = kv_options_from_args(args)  # make_cache adds the model's defaults
     prompt_cache = None
     if args.prompt_cache_file is not None:
         from .prompt_cache import load_prompt_cache

@@ -32,6 +32,7 @@ from .kernels.kv_layout import (
     CENTER_BLOCK,
     dequantize_rows,
     fp16_bytes,
+    held_centers,
     row_bytes,
     row_words,
 )
@@ -58,7 +59,7 @@ def fp_capacity(config: KVCacheConfig, slots: int) -> int:
 def centers_capacity(config: KVCacheConfig, rows: int) -> int:
     """Centers allocated once ``rows`` > 0 store rows are written: through the block of the
     next row, in steps of ``step`` tokens' worth of blocks."""
-    return round_up(rows // CENTER_BLOCK + 1, max(1, config.step // CENTER_BLOCK))
+    return round_up(held_centers(rows), max(1, config.step // CENTER_BLOCK))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -350,9 +351,7 @@ class QuantizedKVCache(QuantizedOptions):
         if self.offset > self.sink:
             state["store"] = self.store[:, :, :self.offset - self.sink]
             if self.centers is not None:
-                # Through the block the next token goes to (its center is known).
-                state["centers"] = self.centers[:, :, :(self.offset - self.sink)
-                                                // CENTER_BLOCK + 1]
+                state["centers"] = self.centers[:, :, :held_centers(self.offset - self.sink)]
         return state
 
     @state.setter
@@ -364,7 +363,7 @@ class QuantizedKVCache(QuantizedOptions):
         if not isinstance(value, dict) or not set(value) <= {"fp", "store", "centers"} \
                 or ("centers" in value) != (self.config.key_center and "store" in value) \
                 or ("centers" in value and value["centers"].shape[2]
-                    != value["store"].shape[2] // CENTER_BLOCK + 1):  # another block size
+                    != held_centers(value["store"].shape[2])):  # another block size
             raise MlxqError("this saved cache has an older int4/int8 layout; save it again")
         self.fp, self.store = value.get("fp"), value.get("store")
         self.centers = value.get("centers")

@@ -49,6 +49,12 @@ def center_blocks(rows: int) -> int:
     return -(-rows // CENTER_BLOCK)
 
 
+def held_centers(rows: int) -> int:
+    """Centers a cache with ``rows`` store rows holds: one per completed block, and the
+    one of the block its next row goes to (already chosen)."""
+    return rows // CENTER_BLOCK + 1
+
+
 def fp16_bytes(batch: int, heads: int, tokens: int, key_dim: int, value_dim: int) -> int:
     """Bytes of float16 keys and values of that shape (the baseline of every bytes ratio)."""
     return batch * heads * tokens * (key_dim + value_dim) * 2

@@ -3,7 +3,7 @@
 A design instrument for KV formats: it runs the model ONCE over a window of text with a
 full-precision cache, recording every layer's queries, keys and values (after RoPE), then
 for each format quantizes the recorded keys/values exactly as the cache's write path does
-(rotation, float16 rounding, ``mx.quantize``) and compares, for the last ``--queries``
+(rotation, float16 rounding, ``kv_layout.quantize_groups``) and compares, for the last ``--queries``
 positions, each layer's attention with the exact one:
 
 - ``kl``: KL(exact || quantized) of the attention weights (keys only: values do not move
@@ -15,7 +15,7 @@ perplexity: an error in one layer also moves the inputs of the next, which this 
 follow; ``python -m mlxq.evaluate`` measures that, at ~20x the cost. Use this one to rank
 ideas, then evaluate the survivors.
 
-Formats are ``mlxq.evaluate`` names (``int4-g64-rot-kc-w256-s4``): those go through the
+Formats are ``mlxq.evaluate`` names (``int4-g64-rot-kc-w240-s4``): those go through the
 cache's own write path (a reference-backend ``QuantizedKVCache`` fed in 512-token chunks,
 key centering included). Formats without ``-kc`` take optional experimental suffixes, for
 quantizers the cache does not have:
@@ -122,7 +122,7 @@ def record_attention(model, tokens, chunk: int = 512) -> dict:
 # --- quantizers -------------------------------------------------------------------------
 def quantize_dequantize(x, bits: int, group_size: int, mse: bool = False):
     """x (..., D) float32 (already rotated) -> what the cache's store gives back: its own
-    write path (``reference_append_rows``: float16 rounding, ``mx.quantize``) read back by
+    write path (``reference_append_rows``: float16 rounding, ``quantize_groups``) read back by
     ``dequantize_rows``; ``+mse`` chooses each group's range by squared error instead."""
     if not mse:
         t = mx.array(x)

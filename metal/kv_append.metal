@@ -12,37 +12,48 @@
 //                        shared by its new tokens (read only when CENTER);
 //          tokens        int32[1]: new tokens per (sequence, KV head).
 // Outputs: fp_rows  (N, 2D) half: [rotated key | rotated value];
-//          q_rows   (N, ROW) uint32, ROW = WK + WV + 2*NG (WK = D*KBITS/32, WV = D*BITS/32,
-//                   NG = D/GS): [key codes WK | value codes WV | key (scale, bias) NG |
-//                   value (scale, bias) NG],
-//                   codes in MLX's packing (element 0 in the low bits), each (scale, bias)
-//                   one word read as half2 (x = scale, y = bias). One row is one token of one
-//                   KV head: the attention kernel reads it with one contiguous load sequence.
+//          q_rows   (N, ROW) uint32, ROW = WK + WV + MW (WK = D*KBITS/32, WV = D*BITS/32,
+//                   NG = D/GS, MW = meta_row_words in kv_row.h): [key codes WK | value
+//                   codes WV | metadata MW], codes in MLX's packing (element 0 in the low
+//                   bits), the metadata as kv_row.h describes (4-bit groups: one half each,
+//                   scale | zero point; 8-bit groups: a float16 (scale, bias) pair). One row
+//                   is one token of one KV head: the attention kernel reads it with one
+//                   contiguous load sequence.
 //
 // Threadgroup: one token row, 64 threads = 2 simdgroups (0: key, 1: value). Each lane holds
 //   EPL = D/32 consecutive elements (e = lane*EPL + x), applies the signs and the Hadamard
 //   butterflies (in-lane for strides < EPL, simd_shuffle_xor across lanes above), rounds to
 //   half and writes its slice of the fp16 row (keys as they are), subtracts the center from
 //   its key elements (CENTER, in float), and after one barrier thread t < 2*NG quantizes
-//   group t (keys, then values) from threadgroup memory.
+//   group t (keys, then values) from threadgroup memory and puts its metadata halves in
+//   threadgroup memory; after a second barrier thread t < MW writes metadata word t (two
+//   groups' halves can share a word: one writer per word).
 // Launch at decode (1 token): batch * kv_heads threadgroups (3 on the default model, 8 on
 //   Llama-3-8B). Bytes read: 2 * N * D * sizeof(T) (+ D*4 signs, + 2D per
 //   row for the center); written: N * (4D + 4*ROW).
 //
 // Rounding follows mx.quantize (MLX's CPU backend) on the half-rounded rotated value:
+//   (4-bit groups: min = min(min, 0), max = max(max, 0), so that the zero point is a code)
 //   scale = max((max - min) / (2^BITS - 1), 1e-7), negated unless |min| > |max|
 //   edge  = |min| > |max| ? min : max;  q0 = rint(edge / scale)
 //   if q0 != 0: scale = edge / q0, bias = edge (zero is then exactly representable) else bias = 0
+//   4-bit groups: scale = its float16 rounded to 6 mantissa bits (never 0), bias = q0 * scale
+//   (exact), stored as one half: those bits | -q0 (q0 in [-15, 0])
 //   code  = clamp(rint((w - bias) / scale), 0, 2^BITS - 1)   (rint: ties to even)
-// The float scale/bias are used for the codes; only the stored copies are rounded to half.
+// 8-bit groups use the float scale/bias for the codes; only the stored copies are rounded
+// to half (mx.quantize). kv_layout.quantize_groups is the same rule in MLX ops.
 
 constexpr int EPL = D / 32;          // elements per lane
 constexpr int WK = D * KBITS / 32;   // code words of the keys
 constexpr int WV = D * BITS / 32;    // code words of the values
 constexpr int NG = D / GS;           // groups per row
-constexpr int ROW = WK + WV + 2 * NG;  // words per stored token
+constexpr int KMH = meta_halves_per_group(KBITS);  // metadata halves per key group
+constexpr int VMH = meta_halves_per_group(BITS);   // ... per value group
+constexpr int MW = meta_row_words(NG, KBITS, BITS);
+constexpr int ROW = WK + WV + MW;    // words per stored token
 
 threadgroup float rotated[2 * D];
+threadgroup uint meta_tg[2 * MW];   // metadata halves (the padding half stays 0)
 
 const size_t row = threadgroup_position_in_grid.x;
 const int which = int(simdgroup_index_in_threadgroup);  // 0 keys, 1 values
@@ -68,9 +79,12 @@ for (int x = 0; x < EPL; x++) {
   }
   rotated[which * D + lane * EPL + x] = w;
 }
+const int t = which * 32 + lane;
+if (t < 2 * MW) {
+  meta_tg[t] = 0u;
+}
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
-const int t = which * 32 + lane;
 if (t < 2 * NG) {
   const int is_v = t / NG;
   const int g = t % NG;
@@ -85,6 +99,10 @@ if (t < 2 * NG) {
     w_min = min(w_min, w_in[i]);
     w_max = max(w_max, w_in[i]);
   }
+  if (bits == 4) {
+    w_min = min(w_min, 0.0f);
+    w_max = max(w_max, 0.0f);
+  }
   const bool neg_edge = abs(w_min) > abs(w_max);
   float scale = max(precise::divide(w_max - w_min, n_bins), 1e-7f);
   scale = neg_edge ? scale : -scale;
@@ -95,6 +113,20 @@ if (t < 2 * NG) {
     scale = precise::divide(edge, q0);
     bias = edge;
   }
+  const int h0 = is_v ? NG * KMH + g * VMH : g * KMH;  // the group's first metadata half
+  if (bits == 4) {
+    const uint h = uint(as_type<ushort>(half(scale)));
+    uint h6 = (h + 8u) & 0xFFF0u;
+    if ((h6 & 0x7FFFu) == 0u) {
+      h6 = (h & 0x8000u) | 0x10u;
+    }
+    scale = float(as_type<half>(ushort(h6)));
+    bias = q0 * scale;
+    meta_tg[h0] = h6 | uint(-q0);
+  } else {
+    meta_tg[h0] = uint(as_type<ushort>(half(scale)));
+    meta_tg[h0 + 1] = uint(as_type<ushort>(half(bias)));
+  }
   device uint* out = q_rows + row * ROW;
   for (int wi = 0; wi < wpg; wi++) {
     uint word = 0;
@@ -104,5 +136,8 @@ if (t < 2 * NG) {
     }
     out[is_v * WK + g * wpg + wi] = word;
   }
-  out[WK + WV + is_v * NG + g] = as_type<uint>(half2(half(scale), half(bias)));
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (t < MW) {
+  q_rows[row * ROW + WK + WV + t] = meta_tg[2 * t] | (meta_tg[2 * t + 1] << 16);
 }

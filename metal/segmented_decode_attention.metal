@@ -48,8 +48,8 @@
 //   Llama-3-8B heads (32q/8kv, d128) at 4K keys: 33 blocks x 8 heads = 264 threadgroups,
 //   1,056 simdgroups, LPK 1; at 32K: 33 x 8 = 264, 1,056 simdgroups; the default model
 //   (9q/3kv, d64) at 1K: 65 x 3 = 195 threadgroups, 780 simdgroups, LPK 8.
-// Bytes read per (sequence, KV head): n_q * ROW * 4 (int4 d128 g64: 144 per token, 0.28x
-//   of fp16's 512; CENTER: + 2D per CENTER_BLOCK rows) + fp slots * 4D + per threadgroup RT*D*sizeof(T) of queries; written:
+// Bytes read per (sequence, KV head): n_q * ROW * 4 (int4 d128 g64: 136 per token, 0.27x
+//   of fp16's 512; d64: 68 of 256; CENTER: + 2D per CENTER_BLOCK rows) + fp slots * 4D + per threadgroup RT*D*sizeof(T) of queries; written:
 //   rows * n_blocks * (D * sizeof(T) + 8) partials.
 // ALU per cached element (4-bit keys, per query row): AND + convert + FMA; per group +2 FMA.
 
@@ -60,7 +60,9 @@ constexpr int VEPW = 32 / BITS;      // value codes per uint32
 constexpr int WV = D / VEPW;         // code words per row of values
 constexpr int NG = D / GS;           // groups per row
 constexpr int WPG = GS / EPW;        // key words per group
-constexpr int ROW = W + WV + 2 * NG;  // words per stored token
+constexpr int KMH = meta_halves_per_group(KBITS);  // metadata halves per key group (kv_row.h)
+constexpr int VMH = meta_halves_per_group(BITS);   // ... per value group
+constexpr int ROW = W + WV + meta_row_words(NG, KBITS, BITS);  // words per stored token
 constexpr int KPS = 32 / LPK;        // keys per simdgroup step
 constexpr int WL = W / LPK;          // key code words per lane (store)
 constexpr int DL = D / LPK;          // key elements per lane (fp slots)
@@ -186,9 +188,9 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
       for (int wi = sub * WL; wi < (sub + 1) * WL; wi++) {
         const uint word = krow[wi];
         const int g = wi / WPG;
-        const half2 sb = as_type<half2>(krow[W + WV + g]);
-        const float ks = float(sb.x);
-        const float kb = (wi % WPG == 0) ? float(sb.y) : 0.0f;
+        const float2 sb = group_scale_bias<KBITS>(krow + W + WV, g * KMH);
+        const float ks = sb.x;
+        const float kb = (wi % WPG == 0) ? sb.y : 0.0f;
         for (int j = 0; j < RT; j++) {
           if (j < nrows) {
             const threadgroup float* qp = q_tg + j * D + wi * EPW;
@@ -266,9 +268,9 @@ for (int s0 = k0 + sg * KPS; s0 < k1; s0 += NSG * KPS) {
       for (int x = 0; x < EPL; x++) {
         const int e = lane * EPL + x;
         const uint word = vrow[W + e / VEPW];
-        const half2 sb = as_type<half2>(vrow[W + WV + NG + e / GS]);
+        const float2 sb = group_scale_bias<BITS>(vrow + W + WV, NG * KMH + (e / GS) * VMH);
         const float c = float((word >> ((e % VEPW) * BITS)) & VALUE_MASK);
-        val[x] = c * float(sb.x) + float(sb.y);
+        val[x] = c * sb.x + sb.y;
       }
     } else {
       const device half* vrow = fp + (slab * fcap + key_k) * (2 * D) + D;

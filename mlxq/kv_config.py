@@ -14,7 +14,9 @@ SUPPORTED_BITS = (16, 8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 DEFAULT_GROUP_SIZE = 64
-DEFAULT_RECENT = 256
+# 240, not 256: with 68-byte rows (d64) the whole cache is then 0.299x of fp16 at 8K, within
+# issue #14's 0.30x; 256 gives 0.301x (docs/quality.md).
+DEFAULT_RECENT = 240
 DEFAULT_SINK = 4
 
 
@@ -79,7 +81,7 @@ class KVCacheConfig:
 
     @property
     def name(self) -> str:
-        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w256-s4`` (``int4-k8-...``: keys in
+        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w240-s4`` (``int4-k8-...``: keys in
         8 bits, values in 4)."""
         if not self.quantized:
             return "fp"

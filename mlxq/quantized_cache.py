@@ -30,6 +30,7 @@ from .errors import MlxqError
 from .kernels.kv_append import append_rows, reference_append_rows
 from .kernels.kv_layout import (
     CENTER_BLOCK,
+    ROW_LAYOUT,
     dequantize_rows,
     fp16_bytes,
     held_centers,
@@ -156,6 +157,7 @@ class QuantizedKVCache(QuantizedOptions):
         self.config = config
         self.layer_index = layer_index
         self.backend = backend
+        self.row_layout = ROW_LAYOUT  # of the rows a state brings (a saved cache's meta)
         self._clear()
 
     def _clear(self):
@@ -360,10 +362,12 @@ class QuantizedKVCache(QuantizedOptions):
         self._clear()
         if not value:
             return
+        # Refused: other buffers, centers per another block size, rows of another layout.
         if not isinstance(value, dict) or not set(value) <= {"fp", "store", "centers"} \
                 or ("centers" in value) != (self.config.key_center and "store" in value) \
                 or ("centers" in value and value["centers"].shape[2]
-                    != held_centers(value["store"].shape[2])):  # another block size
+                    != held_centers(value["store"].shape[2])) \
+                or ("store" in value and self.row_layout != ROW_LAYOUT):
             raise MlxqError("this saved cache has an older int4/int8 layout; save it again")
         self.fp, self.store = value.get("fp"), value.get("store")
         self.centers = value.get("centers")
@@ -375,7 +379,7 @@ class QuantizedKVCache(QuantizedOptions):
     def meta_state(self):
         return {"config": self.config.to_meta(), "layer_index": self.layer_index,
                 "head_dim": self.head_dim, "offset": self.offset,
-                "window_length": self.window_length}
+                "window_length": self.window_length, "row_layout": ROW_LAYOUT}
 
     @meta_state.setter
     def meta_state(self, value):
@@ -388,6 +392,7 @@ class QuantizedKVCache(QuantizedOptions):
         self.head_dim = value.get("head_dim")
         self.offset = int(value.get("offset", 0))
         self.window_length = int(value.get("window_length", 0))
+        self.row_layout = int(value.get("row_layout", 1))
 
 
 def quantized_nbytes(config: KVCacheConfig, heads: int, head_dim: int, tokens: int) -> int:

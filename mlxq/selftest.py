@@ -3,7 +3,7 @@ fp16-vs-int4 timing, printed as a report to paste into an issue.
 
 On a Mac the kernels run on Metal; elsewhere through the MSL emulator (``--backend``
 chooses). Checks: the append kernel (rotation, float16 rows, quantized rows) against MLX's
-Hadamard transform + ``mx.quantize``; the segmented decode kernel + merge against the
+Hadamard transform + ``kv_layout.quantize_groups``; the segmented decode kernel + merge against the
 plain-MLX oracle over a sweep of head dims, GQA ratios, query tokens, lengths (block edges,
 8K+), sink/window states and batch 2 with its own lengths; a whole cache decoding on the
 backend against the reference backend. Timing (Metal only; the emulator says nothing about

@@ -53,9 +53,14 @@ def test_quantized_bytes_are_4_5_bits_per_element():
 def test_byte_model_matches_the_kernels_own_count():
     from mlxq.kernels.decode_attention import bytes_read
 
+    # mlx-lm's int4 groups carry a float16 scale and bias, mlxq's one 16-bit half (scale
+    # and zero point): one half fewer per group of keys and of values; at 8 bits the same.
     for kv, length, d, gs in [(3, 1000, 64, 64), (8, 32768, 128, 32)]:
+        one_half_per_group = 2 * kv * length * (d // gs) * 2
         assert bytes_read(1, kv, length, 0, d, 4, gs) == attention_latency.quantized_bytes(
-            kv, length, d, 4, gs, 2)
+            kv, length, d, 4, gs, 2) - one_half_per_group
+        assert bytes_read(1, kv, length, 0, d, 8, gs) == attention_latency.quantized_bytes(
+            kv, length, d, 8, gs, 2)
 
 
 def test_json_has_no_nan(tmp_path):

@@ -1,12 +1,15 @@
 """The append kernel (metal/kv_append.metal, through the emulator) vs its oracle
-(rotation by MLX's Hadamard transform, float16 cast, mx.quantize)."""
+(rotation by MLX's Hadamard transform, float16 cast, kv_layout.quantize_groups), and the
+oracle's quantizer vs an independent numpy model of the documented rule."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlxq.kernels.kv_append import append_rows, reference_append_rows
-from mlxq.kernels.kv_layout import dequantize_rows, pack_rows, unpack_rows
+from kv_quant_model import pack_codes, quantize
+from mlxq.kernels.kv_layout import (dequantize_rows, pack_rows, quantize_groups, row_words,
+                                    unpack_rows)
 from mlxq.rotation import HadamardRotation
 
 
@@ -71,20 +74,67 @@ def test_rotated_rows_match_the_oracle(bits, gs, D):
     assert float(mx.abs(fp.astype(mx.float32) - fp_plain.astype(mx.float32)).max()) > 0.5
 
 
-def test_layout_round_trips_mx_quantize():
-    x = mx.random.normal((2, 2, 3, 128)).astype(mx.float16)
-    parts_k = mx.quantize(x, group_size=32, bits=4)
-    parts_v = mx.quantize(-x, group_size=32, bits=4)
-    for got, want in zip(unpack_rows(pack_rows(parts_k, parts_v), 128, 4, 32),
-                         (parts_k, parts_v)):
-        assert all(mx.array_equal(a, b) for a, b in zip(got, want))
+def _hard_groups(D, seed):
+    """Rows (4, 6, D) float32 with groups that exercise every branch of the rule: normal
+    data, all positive, all negative, constant, zero, tiny (a subnormal scale), large, and
+    ties of the zero-point rounding."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 6, D)).astype(np.float32)
+    x[0, 1] = np.abs(x[0, 1]) + 3.0
+    x[0, 2] = -np.abs(x[0, 2]) - 0.5
+    x[0, 3] = 1.25
+    x[0, 4] = 0.0
+    x[0, 5] *= 1e-6
+    x[1, 0] *= 300.0
+    x[1, 1] = np.linspace(-1.0, 2.0, D)  # zero point 5 exactly
+    x[1, 2] = np.float32(-7.5) + np.arange(D) % 16
+    return x
+
+
+@pytest.mark.parametrize("bits,gs,D", [(4, 64, 64), (4, 32, 128), (8, 64, 64),
+                                       (8, 32, 96), (4, 128, 256)])
+def test_group_quantizer_follows_the_documented_rule(bits, gs, D):
+    """The oracle's codes and metadata equal the numpy model's bit for bit, and read back
+    by the layout give the model's values; every 4-bit value is within one step of its
+    input (MLX's rule moves the scale by up to 1/16 so that zero is a code: the far end
+    of the range can be cut by up to 15/16 of a step; the 6-bit scale adds 1/64)."""
+    x = _hard_groups(D, D + bits)
+    codes, meta = quantize_groups(mx.array(x), bits, gs)
+    m_codes, m_meta, m_deq = quantize(x, bits, gs)
+    assert np.array_equal(np.asarray(codes), pack_codes(m_codes, bits))
+    assert np.array_equal(np.asarray(meta), m_meta.reshape(*x.shape[:-1], -1))
+    rows = pack_rows((codes, meta), (codes, meta))
+    assert rows.shape[-1] == row_words(D, bits, gs)
+    for got in dequantize_rows(rows, D, bits, gs):
+        assert np.array_equal(np.asarray(got), m_deq)
+    if bits == 4:
+        g = x.reshape(4, 6, -1, gs)
+        step = (np.maximum(g.max(-1), 0) - np.minimum(g.min(-1), 0)) / 15
+        err = np.abs(m_deq - x).reshape(4, 6, -1, gs).max(-1)
+        assert np.all(err <= step * (1 + 2 ** -6) + 1e-6)
+        assert np.all((m_meta & 0x7FF0) != 0)   # never a zero scale
+
+
+def test_layout_round_trips_both_metadata_kinds():
+    """4-bit keys and 8-bit values (and the reverse) in one row: unpacking gives each
+    half's own codes, scales and biases back."""
+    x = _hard_groups(128, 3)
+    k4, v8 = quantize_groups(mx.array(x), 4, 32), quantize_groups(mx.array(-x), 8, 32)
+    for kq, vq, kb, vb in ((k4, v8, 4, 8), (v8, k4, 8, 4)):
+        rows = pack_rows(kq, vq)
+        assert rows.shape[-1] == row_words(128, vb, 32, kb)
+        (kc, _, _), (vc, _, _) = unpack_rows(rows, 128, vb, 32, kb)
+        assert mx.array_equal(kc, kq[0]) and mx.array_equal(vc, vq[0])
+        k_back, v_back = dequantize_rows(rows, 128, vb, 32, key_bits=kb)
+        assert np.array_equal(np.asarray(k_back), quantize(x if kb == 4 else -x, kb, 32)[2])
+        assert np.array_equal(np.asarray(v_back), quantize(-x if kb == 4 else x, vb, 32)[2])
 
 
 @pytest.mark.parametrize("bits,key_bits,gs,D", [(4, 8, 64, 64), (4, 8, 64, 256),
                                                 (8, 4, 32, 128)])
 def test_own_key_bits_equal_the_oracle_bit_for_bit(bits, key_bits, gs, D):
-    """Keys in ``key_bits``, values in ``bits``: each half of the row as mx.quantize packs
-    it at its own bits (centered keys too), read back by the layout."""
+    """Keys in ``key_bits``, values in ``bits``: each half of the row as the numpy model
+    quantizes it at its own bits (centered keys too), read back by the layout."""
     keys, values = _inputs((2, 3, 5, D), D + 2)
     center = (10 * mx.random.normal((2, 3, 1, D), key=mx.random.key(D))).astype(mx.float16)
     for c in (None, center):
@@ -92,9 +142,12 @@ def test_own_key_bits_equal_the_oracle_bit_for_bit(bits, key_bits, gs, D):
         fp_ref, q_ref = reference_append_rows(keys, values, None, bits, gs, c, key_bits)
         assert mx.array_equal(fp, fp_ref) and mx.array_equal(q, q_ref)
     _, q_plain = reference_append_rows(keys, values, None, bits, gs, key_bits=key_bits)
-    (kc, ks, kb), (vc, vs, vb) = unpack_rows(q_plain, D, bits, gs, key_bits)
-    k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
-    for got, want in zip((kc, ks, kb), mx.quantize(k16, group_size=gs, bits=key_bits)):
-        assert mx.array_equal(got, want)
-    for got, want in zip((vc, vs, vb), mx.quantize(v16, group_size=gs, bits=bits)):
-        assert mx.array_equal(got, want)
+    (kc, _, _), (vc, _, _) = unpack_rows(q_plain, D, bits, gs, key_bits)
+    k16, v16 = np.asarray(keys.astype(mx.float16)), np.asarray(values.astype(mx.float16))
+    k_codes, _, k_deq = quantize(k16, key_bits, gs)
+    v_codes, _, v_deq = quantize(v16, bits, gs)
+    assert np.array_equal(np.asarray(kc), pack_codes(k_codes, key_bits))
+    assert np.array_equal(np.asarray(vc), pack_codes(v_codes, bits))
+    k_back, v_back = dequantize_rows(q_plain, D, bits, gs, key_bits=key_bits)
+    assert np.array_equal(np.asarray(k_back), k_deq)
+    assert np.array_equal(np.asarray(v_back), v_deq)

@@ -266,6 +266,9 @@ def test_plan_splits_rows_by_register_budget():
 
 
 def test_bytes_read_counts_rows_and_slots():
-    # int4 d128 g64: 144 bytes per token per KV head, 0.28x of fp16's 512.
-    assert row_bytes(128, 4, 64) == 144
-    assert bytes_read(1, 8, 1000, 260, 128, 4, 64) == 8 * (1000 * 144 + 260 * 512)
+    # int4 d128 g64: 64 + 64 bytes of codes and a half of metadata per group (4 groups):
+    # 136 bytes per token per KV head, 0.27x of fp16's 512; d64: 68 (17 words).
+    assert row_bytes(128, 4, 64) == 136 and row_bytes(64, 4, 64) == 68
+    assert row_bytes(64, 8, 64) == 136       # 8-bit groups: a (scale, bias) pair each
+    assert row_bytes(64, 4, 64, key_bits=8) == 104  # 64 + 32 + 4 (pair) + 2 (half) + pad
+    assert bytes_read(1, 8, 1000, 260, 128, 4, 64) == 8 * (1000 * 136 + 260 * 512)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from kv_quant_model import quantize
 from mlxq.attention import attend
 from mlxq.cache import KVCache, load_cache, make_cache, save_cache
 from mlxq.errors import MlxqError
@@ -77,18 +78,19 @@ def test_key_bits_name_a_format_of_their_own():
     from mlxq.evaluate import parse_format
 
     k8 = KVCacheConfig(4, key_bits=8)
-    assert (k8.keys_bits, k8.name) == (8, "int4-k8-g64-rot-kc-w256-s4")
+    assert (k8.keys_bits, k8.name) == (8, "int4-k8-g64-rot-kc-w240-s4")
     assert parse_format(k8.name) == k8 and parse_format("int8-k4-g32") == KVCacheConfig(
         8, 32, rotation=False, recent=0, sink=0, key_center=False, key_bits=4)
     # The same bits spelled out are the same config (one name per layout).
     assert KVCacheConfig(4, key_bits=4) == KVCacheConfig(4)
-    assert KVCacheConfig(4, key_bits=4).name == "int4-g64-rot-kc-w256-s4"
-    # Rows: 8-bit key codes, 4-bit value codes, and the same scales and biases.
+    assert KVCacheConfig(4, key_bits=4).name == "int4-g64-rot-kc-w240-s4"
+    # Rows: 8-bit key codes, 4-bit value codes; 4-bit groups' metadata is one half each,
+    # 8-bit groups' a (scale, bias) pair (rows padded to whole words).
     fp16 = 4 * 64
     q4, q8 = (_cache(key_bits=kb, key_center=False) for kb in (None, 8))
     for c in (q4, q8):
         attend(*_qkv(10, 1), c, SCALE)
-    assert q4.store.shape[-1] * 4 == 64 // 2 * 2 + 8 and q8.store.shape[-1] * 4 == 64 + 32 + 8
+    assert q4.store.shape[-1] * 4 == 64 // 2 * 2 + 4 and q8.store.shape[-1] * 4 == 64 + 32 + 8
     assert q8.nbytes / q8.fp16_nbytes == pytest.approx((64 + 32 + 8) / fp16)
 
 
@@ -139,10 +141,10 @@ def test_int4_store_is_028_of_fp16():
         attend(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), fp16, SCALE)
     assert q4.offset == fp16.offset == 302 and q4.store.shape[2] == fp16.capacity == 512
     assert q4.fp16_nbytes == fp16.nbytes
-    # int4 with group 64 is 4.5 bits a value; the key centers add 2*D bytes per CENTER_BLOCK
-    # tokens (fp16: 4*D a token).
+    # int4 with group 64 is 4.25 bits a value (a 16-bit scale and zero point per group);
+    # the key centers add 2*D bytes per CENTER_BLOCK tokens (fp16: 4*D a token).
     centers = 1 / (2 * CENTER_BLOCK)
-    assert q4.nbytes == pytest.approx((4.5 / 16 + centers) * fp16.nbytes)
+    assert q4.nbytes == pytest.approx((4.25 / 16 + centers) * fp16.nbytes)
     q8 = _cache(bits=8, group_size=32)
     attend(*_qkv(10, 1), q8, SCALE)
     assert q8.nbytes == pytest.approx((9 / 16 + centers) * q8.fp16_nbytes)
@@ -172,12 +174,10 @@ class Shadow:
         self.block = []  # the current block's keys as stored, less its center
 
     def _dequantized(self, x, keys=False):
-        # scale * code + bias in float32 from their stored float16, as the kernels compute it
+        # What the stored row reads back as (kv_quant_model: the documented rule in numpy)
         c = self.c
         bits = c.config.keys_bits if keys else c.bits
-        codes, scales, biases = mx.quantize(x, group_size=c.group_size, bits=bits)
-        scales, biases = (y.astype(mx.float16).astype(mx.float32) for y in (scales, biases))
-        return mx.dequantize(codes, scales, biases, group_size=c.group_size, bits=bits)
+        return mx.array(quantize(np.asarray(x.astype(mx.float32)), bits, c.group_size)[2])
 
     def add(self, k, v):
         c = self.c
@@ -304,8 +304,10 @@ def test_save_load_roundtrip_is_exact(tmp_path):
 
 
 def test_saved_cache_of_another_layout_is_refused():
-    """A cache saved without key centers, or with centers per another block size (64 rows
-    before 2026-12-02), cannot be read as this layout: one clear error, not wrong keys."""
+    """A cache saved without key centers, with centers per another block size (64 rows
+    before 2026-12-02), or with rows of the older layout (a (scale, bias) pair per 4-bit
+    group, before 2026-12-02; no row_layout in its meta state) cannot be read as this
+    layout: one clear error, not wrong keys."""
     cache = _cache(recent=12, sink=2)
     attend(*_qkv(200, 1), cache, SCALE)
     state = cache.state
@@ -316,6 +318,14 @@ def test_saved_cache_of_another_layout_is_refused():
         fresh.meta_state = cache.meta_state
         with pytest.raises(MlxqError, match="older int4/int8 layout; save it again"):
             fresh.state = bad
+    old_meta = {k: v for k, v in cache.meta_state.items() if k != "row_layout"}
+    fresh = _cache(recent=12, sink=2)
+    fresh.meta_state = old_meta
+    with pytest.raises(MlxqError, match="older int4/int8 layout; save it again"):
+        fresh.state = state
+    fresh.meta_state = cache.meta_state
+    fresh.state = state  # the same rows with this layout's meta state load
+    assert mx.array_equal(fresh.store[:, :, :198], state["store"])
 
 
 def test_long_prefill_peak_memory_not_above_fp16_cache():

@@ -73,7 +73,7 @@ def _attention_kernel(backend: str):
         name="mlxq_segmented_decode_attention",
         input_names=["queries", "store", "fp", "centers", "signs", "lens", "params", "scale"],
         output_names=["o_part", "ml_part"],
-        header=read_kernel_source("hadamard.h"),
+        header=read_kernel_source("hadamard.h") + read_kernel_source("kv_row.h"),
         source=read_kernel_source("segmented_decode_attention.metal"),
     )
 

@@ -4,8 +4,8 @@
 cache stores (``fp_rows`` for its float16 sink/window buffer, ``q_rows`` for its quantized
 store; layouts in ``kv_layout``) with one kernel launch (metal/kv_append.metal) on the kernel
 backends. ``reference_append_rows`` is the oracle: MLX's Hadamard transform, a float16
-cast and ``mx.quantize``; the kernel matches it up to float rounding order in the rotation
-(bit for bit without rotation). With a key ``center`` (one per sequence and KV head, shared
+cast and ``kv_layout.quantize_groups`` (``mx.quantize`` for 8-bit groups); the kernel
+matches it up to float rounding order in the rotation (bit for bit without rotation). With a key ``center`` (one per sequence and KV head, shared
 by the new tokens: they are in one center block) the keys are quantized minus it, in
 float32 after the float16 rounding; the float16 rows keep the keys themselves.
 """
@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..backend import metal_kernel
 from ..kernel_source import read_kernel_source
-from .kv_layout import pack_rows, row_words
+from .kv_layout import pack_rows, quantize_groups, row_words
 
 _THREADS = 64  # two simdgroups: keys and values
 
@@ -28,7 +28,7 @@ def _kernel(backend: str):
         name="mlxq_kv_append",
         input_names=["keys", "values", "signs", "center", "tokens"],
         output_names=["fp_rows", "q_rows"],
-        header=read_kernel_source("hadamard.h"),
+        header=read_kernel_source("hadamard.h") + read_kernel_source("kv_row.h"),
         source=read_kernel_source("kv_append.metal"),
     )
 
@@ -43,8 +43,8 @@ def reference_append_rows(keys, values, rotation, bits: int, group_size: int, ce
         keys, values = rotation.forward(keys), rotation.forward(values)
     k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
     k_in = k16 if center is None else k16.astype(mx.float32) - center.astype(mx.float32)
-    q_rows = pack_rows(mx.quantize(k_in, group_size=group_size, bits=key_bits or bits),
-                       mx.quantize(v16, group_size=group_size, bits=bits))
+    q_rows = pack_rows(quantize_groups(k_in, key_bits or bits, group_size),
+                       quantize_groups(v16, bits, group_size))
     return mx.concatenate([k16, v16], axis=-1), q_rows
 
 

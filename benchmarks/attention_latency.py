@@ -123,7 +123,7 @@ def mlxq_call(x: Inputs, bits, group_size, backend):
 
     cache = QuantizedKVCache(x.mlxq_config, backend=backend)
     cache.append(x.mlxq_keys, x.mlxq_values)
-    mx.eval(cache.store)
+    mx.eval(cache.state)
     return lambda: attend_stored(x.queries, cache, x.scale)
 
 
@@ -234,11 +234,12 @@ def append_calls(args, n_kv, D, dtype, capacity):
         from mlxq.quantized_cache import QuantizedKVCache
 
         # The cache's own append with the default options: one kernel (rotation, float16
-        # row, quantized row), one slice write into the store, one into the window ring.
+        # row), one slice write into the window ring, one launch quantizing the window's
+        # oldest token in place and one slice write into the store (its row).
         cache = QuantizedKVCache(KVCacheConfig(args.bits, args.group_size), backend=backend)
         cache.append(mx.zeros((1, n_kv, capacity - 1, D), dtype),
                      mx.zeros((1, n_kv, capacity - 1, D), dtype))
-        mx.eval(cache.store, cache.fp)
+        mx.eval(cache.state)
 
         def append_one(cache=cache):
             cache.append(k, v)

@@ -47,7 +47,7 @@ PREFILL_CHUNK = 4096
 # The caches compared: (key, label, make_cache options). fp16 first: the others' deltas.
 CACHES = [
     ("fp16", "fp16", dict(kv_bits=16, dtype=mx.float16)),
-    ("int4", "int4 (rotation, recent 240, sink 4)", dict(kv_bits=4)),
+    ("int4", "int4 (rotation, recent 304, sink 4)", dict(kv_bits=4)),
     ("int4_r0s0", "int4 --kv-recent 0 --kv-sink 0", dict(kv_bits=4, kv_recent=0, kv_sink=0)),
 ]
 # The CPU check: the default model's attention shape in a few layers, a prompt that fills

@@ -15,7 +15,7 @@ perplexity: an error in one layer also moves the inputs of the next, which this 
 follow; ``python -m mlxq.evaluate`` measures that, at ~20x the cost. Use this one to rank
 ideas, then evaluate the survivors.
 
-Formats are ``mlxq.evaluate`` names (``int4-g64-rot-kc-w240-s4``): those go through the
+Formats are ``mlxq.evaluate`` names (``int4-g64-rot-kc-w304-s4``): those go through the
 cache's own write path (a reference-backend ``QuantizedKVCache`` fed in 512-token chunks,
 key centering included). Formats without ``-kc`` take optional experimental suffixes, for
 quantizers the cache does not have:
@@ -148,22 +148,27 @@ def quantize_dequantize(x, bits: int, group_size: int, mse: bool = False):
 def cache_stored_kv(k, v, fmt: KVCacheConfig, layer: int, chunk: int = 512):
     """What a real ``QuantizedKVCache`` (reference backend) stores for keys/values (H, T,
     D), appended in chunks as a prefill would, read back in the rotated basis (key centers
-    included); positions in the sink are left exact."""
+    included); positions in the sink, and those whose rows are not written yet (still in
+    the window: attention reads them in float16 at any query position), are left exact."""
     from mlxq.kernels.kv_layout import add_key_centers
 
     cache = QuantizedKVCache(fmt, layer_index=layer, backend="reference")
     T = k.shape[1]
     for a in range(0, T, chunk):
         cache.append(mx.array(k[None, :, a:a + chunk]), mx.array(v[None, :, a:a + chunk]))
-    S = min(fmt.sink, T)
-    kq, vq = dequantize_rows(cache.store[:, :, :T - S], k.shape[-1], fmt.bits, fmt.group_size,
+    S, held = min(fmt.sink, T), cache.rows_held
+    kq, vq = dequantize_rows(cache.store[:, :, :held], k.shape[-1], fmt.bits, fmt.group_size,
                              key_bits=fmt.key_bits)
     if cache.centers is not None:
         kq = add_key_centers(kq, cache.centers, 0)
     R = cache.rotation
-    exact = [x[:, :S] if R is None or not S else np.array(R.forward(mx.array(x[:, :S])))
-             for x in (k, v)]
-    return tuple(np.concatenate([e, np.array(q[0])], axis=1) for e, q in zip(exact, (kq, vq)))
+
+    def exact(x, first, last):
+        part = x[:, first:last]
+        return part if R is None or first == last else np.array(R.forward(mx.array(part)))
+
+    return tuple(np.concatenate([exact(x, 0, S), np.array(q[0]), exact(x, S + held, T)], axis=1)
+                 for x, q in zip((k, v), (kq, vq)))
 
 
 def stored_kv(k, v, fmt: KVCacheConfig, mods: set):

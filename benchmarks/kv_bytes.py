@@ -52,7 +52,7 @@ def _fill_quantized(cache, tokens, n_kv, d):
     for start in range(0, tokens, 4096):  # the cache's own write path
         n = min(4096, tokens - start)
         cache.append(_kv(n_kv, n, d, 2 * start), _kv(n_kv, n, d, 2 * start + 1))
-    mx.eval(cache.store, cache.fp)
+    mx.eval(cache.state)
 
 
 def _fill_fp(cache, tokens, n_kv, d):

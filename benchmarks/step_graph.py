@@ -342,6 +342,11 @@ def _implicit_copy(p, item, base_bytes, view_of, copies) -> None:
                        "layer": p.layer, "buffer": view_of[name], "bytes": size})
 
 
+# Kernels given whole cache buffers that read one row of each per row they write (the
+# token leaving the float16 window and its key center), not the whole buffer.
+ROW_READ_KERNELS = {"kernel:mlxq_kv_quantize_slots"}
+
+
 def analyse(graph: StepGraph) -> None:
     """Fill each primitive's layer and read/written bytes; find cache-buffer copies."""
     producer, consumers = {}, {}
@@ -408,7 +413,10 @@ def analyse(graph: StepGraph) -> None:
             continue
         for name, shape, dtype in ins:
             size = base_bytes.get(name, _nbytes(shape, dtype))
-            if is_kernel(p) and name in whole:
+            if p.kind in ROW_READ_KERNELS and name in whole:
+                rows = math.prod(p.outputs[-1][1][:-1])
+                size = rows * shape[-1] * dtype.size
+            elif is_kernel(p) and name in whole:
                 size = int(size * graph.buffer_fraction.get(whole[name], 1.0))
             p.read += size
             if name in weights:

@@ -5,13 +5,20 @@
 // Template: T (input dtype, float or half), D (head dim), BITS (4|8: the values' bits),
 //   KBITS (4|8: the keys' bits, BITS unless the config sets key_bits), GS (group size),
 //   ROTATE (apply R = diag(signs) H / sqrt(D), H the Sylvester-Hadamard matrix; D a power
-//   of two), CENTER (quantize keys minus a center, kv_layout.py's key centering).
+//   of two), CENTER (quantize keys minus a center, kv_layout.py's key centering),
+//   QUANT (write q_rows; off: new tokens whose rows are written later, as they leave the
+//   window), GATHER (the rows are float16 [key | value] rows already in the cache's
+//   window buffer, read in place at per-row offsets: the token leaving the window).
 // Inputs:  keys, values  (N, D) rows of T, N = batch * kv_heads * new_tokens (contiguous);
+//                        GATHER: keys is the window buffer (half), values unused;
 //          signs         (D) float, the layer's random signs (read only when ROTATE);
 //          center        (N / tokens, D) half: one key center per (sequence, KV head),
-//                        shared by its new tokens (read only when CENTER);
-//          tokens        int32[1]: new tokens per (sequence, KV head).
-// Outputs: fp_rows  (N, 2D) half: [rotated key | rotated value];
+//                        shared by its new tokens (read only when CENTER); GATHER: the
+//                        cache's key centers, row r's at element offset at[N + r];
+//          tokens        int32[1]: new tokens per (sequence, KV head);
+//          at            int32[2N] (GATHER only): element offsets of row r's [key | value]
+//                        in keys (at[r]) and of its center (at[N + r]).
+// Outputs: fp_rows  (N, 2D) half: [rotated key | rotated value] (GATHER: a copy);
 //          q_rows   (N, ROW) uint32, ROW = WK + WV + MW (WK = D*KBITS/32, WV = D*BITS/32,
 //                   NG = D/GS, MW = meta_row_words in kv_row.h): [key codes WK | value
 //                   codes WV | metadata MW], codes in MLX's packing (element 0 in the low
@@ -29,8 +36,10 @@
 //   threadgroup memory; after a second barrier thread t < MW writes metadata word t (two
 //   groups' halves can share a word: one writer per word).
 // Launch at decode (1 token): batch * kv_heads threadgroups (3 on the default model, 8 on
-//   Llama-3-8B). Bytes read: 2 * N * D * sizeof(T) (+ D*4 signs, + 2D per
-//   row for the center); written: N * (4D + 4*ROW).
+//   Llama-3-8B), twice with the default window: the new token (QUANT off: its float16 row)
+//   and, after it is in the ring, the window's oldest token (GATHER: its row in place).
+//   Bytes read: 2 * N * D * sizeof(T) (+ D*4 signs, + 2D per row for the center); written:
+//   N * 4D (+ N * 4*ROW with QUANT).
 //
 // Rounding follows mx.quantize (MLX's CPU backend) on the half-rounded rotated value:
 //   (4-bit groups: min = min(min, 0), max = max(max, 0), so that the zero point is a code)
@@ -58,7 +67,10 @@ threadgroup uint meta_tg[2 * MW];   // metadata halves (the padding half stays 0
 const size_t row = threadgroup_position_in_grid.x;
 const int which = int(simdgroup_index_in_threadgroup);  // 0 keys, 1 values
 const int lane = int(thread_index_in_simdgroup);
-const device T* src = (which == 0 ? keys : values) + row * D;
+const size_t n_rows = threadgroups_per_grid.x;
+const device T* src = GATHER ? keys + size_t(at[row]) + which * D
+                             : (which == 0 ? keys : values) + row * D;
+const size_t center0 = GATHER ? size_t(at[n_rows + row]) : (row / size_t(tokens[0])) * D;
 
 float v[EPL];
 for (int x = 0; x < EPL; x++) {
@@ -75,9 +87,12 @@ for (int x = 0; x < EPL; x++) {
   fp_rows[row * (2 * D) + which * D + lane * EPL + x] = h;
   float w = float(h);
   if (CENTER && which == 0) {
-    w -= float(center[(row / size_t(tokens[0])) * D + lane * EPL + x]);
+    w -= float(center[center0 + lane * EPL + x]);
   }
   rotated[which * D + lane * EPL + x] = w;
+}
+if (!QUANT) {
+  return;  // uniform: the whole threadgroup returns before any barrier
 }
 const int t = which * 32 + lane;
 if (t < 2 * MW) {

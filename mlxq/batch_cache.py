@@ -29,7 +29,15 @@ from .cache import KVCache
 from .errors import MlxqError
 from .kernels.kv_layout import CENTER_BLOCK, fp16_bytes, held_centers, row_bytes, row_words
 from .kv_config import KVCacheConfig
-from .quantized_cache import QuantizedKVCache, QuantizedOptions, round_up, store_capacity
+from .quantized_cache import (
+    QuantizedKVCache,
+    QuantizedOptions,
+    centers_held,
+    held_rows,
+    round_up,
+    rows_leave_the_window,
+    store_capacity,
+)
 
 
 def store_rows(config: KVCacheConfig, longest: int) -> int:
@@ -170,16 +178,17 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         H = self.store.shape[1]
         cache = QuantizedKVCache(self.config, self.layer_index, self.backend)
         cache.head_dim, cache.rotation, cache.signs = D, self.rotation, self.signs
-        if n > S:
-            cache._ensure_store(1, H, D, n - S)
-            cache.store[:, :, :n - S] = _gather(self.store, [i], n - S)
+        rows = held_rows(self.config, n, self.window_lengths[i])
+        if rows:
+            cache._ensure_store(1, H, D, rows)
+            cache.store[:, :, :rows] = _gather(self.store, [i], rows)
         cache._ensure_fp(1, H, D, min(n, S) + min(R, max(0, n - S)))
         cache.fp = _gather(self.fp, [i], cache.fp.shape[2])
         if self.centers is not None:
             cache.center = _gather(self.center, [i], 1)
-            if n > S:
+            blocks = centers_held(self.config, n)
+            if blocks:
                 cache._ensure_centers(1, H, D, n - S)
-                blocks = held_centers(n - S)
                 cache.centers[:, :, :blocks] = _gather(self.centers, [i], blocks)
         cache.offset, cache.window_length = n, self.window_lengths[i]
         return cache
@@ -191,8 +200,12 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
         if L != 1 or B != len(self.lengths) or D != self.head_dim:
             raise MlxqError(f"a batch appends one token per sequence, got {keys.shape} for "
                             f"{len(self.lengths)} sequences of head_dim {self.head_dim}")
-        fp_rows, q_rows = self.encode(keys, values, self.center)
         S, R = self.sink, self.recent
+        leaving = rows_leave_the_window(self.config)
+        if leaving:
+            fp_rows, held0 = self.rotate(keys, values), self._rows_held()
+        else:
+            fp_rows, q_rows = self.encode(keys, values, self.center)
         if max(self.lengths) + 1 - S >= self.store.shape[2]:  # keep the scratch row free
             extra = mx.zeros((*self.store.shape[:2], self.config.step, self.store.shape[3]),
                              mx.uint32)
@@ -201,17 +214,48 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
                 self.centers = _pad_rows(self.centers,
                                          batch_centers(self.config, self.store.shape[2]))
         scratch_row, scratch_slot = self.store.shape[2] - 1, S + R
-        store_at, fp_at = [], []
-        for n in self.lengths:
-            store_at.append(n - S if n >= S else scratch_row)
-            fp_at.append(n if n < S else (S + (n - S) % R if R else scratch_slot))
-        self.store = _put_rows(self.store, store_at, q_rows)
+        fp_at = [n if n < S else (S + (n - S) % R if R else scratch_slot)
+                 for n in self.lengths]
+        if not leaving:
+            store_at = [n - S if n >= S else scratch_row for n in self.lengths]
+            self.store = _put_rows(self.store, store_at, q_rows)
         self.fp = _put_rows(self.fp, fp_at, fp_rows)
         self.window_lengths = [min(R, w + 1, max(0, n + 1 - S))
                                for n, w in zip(self.lengths, self.window_lengths)]
         self.lengths = [n + 1 for n in self.lengths]
-        if self.centers is not None:
+        if leaving:
+            self._write_leaving_rows(held0, scratch_row)
+        elif self.centers is not None:
             self._next_centers()
+
+    def _rows_held(self) -> list:
+        return [held_rows(self.config, n, w) for n, w in zip(self.lengths, self.window_lengths)]
+
+    def _write_leaving_rows(self, held0: list, scratch_row: int):
+        """After the step's float16 writes: blocks completed get their centers (their
+        float16 keys' mean, unless rows of theirs are written), then each sequence whose
+        window is full quantizes its oldest window row in place (one launch for the batch;
+        the others write the scratch row)."""
+        S, R = self.sink, self.recent
+        if self.centers is not None:
+            for i, n in enumerate(self.lengths):
+                rows = n - S
+                if rows > 0 and rows % CENTER_BLOCK == 0 \
+                        and held0[i] <= rows - CENTER_BLOCK:
+                    keys = self.window_block(self.fp[i:i + 1], n)[..., :self.head_dim]
+                    block = rows // CENTER_BLOCK - 1
+                    self.centers[i:i + 1, :, block:block + 1] = keys.astype(
+                        mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        held1 = self._rows_held()
+        if held1 == held0:
+            return
+        store_at, slots, blocks = [], [], []
+        for before, after in zip(held0, held1):
+            writes = after > before
+            store_at.append(before if writes else scratch_row)
+            slots.append(S + before % R if writes else 0)
+            blocks.append(before // CENTER_BLOCK if writes else 0)
+        self.store = _put_rows(self.store, store_at, self.quantize_slots(self.fp, slots, blocks))
 
     def _next_centers(self):
         """Sequences whose step completed a block: closed as ``QuantizedKVCache`` closes

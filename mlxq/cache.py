@@ -198,7 +198,7 @@ def cache_device_nbytes(caches) -> int:
 
 
 def cache_format_name(caches) -> str:
-    """The quantized caches' format (``KVCacheConfig.name``, e.g. ``int4-g64-rot-kc-w240-s4``)
+    """The quantized caches' format (``KVCacheConfig.name``, e.g. ``int4-g64-rot-kc-w304-s4``)
     or ``fp16`` when no layer holds a quantized cache."""
     from .quantized_cache import QuantizedKVCache
 

@@ -49,7 +49,7 @@ def parse_format(name: str, seed: int = 0) -> KVCacheConfig:
     if not m:
         raise MlxqError(f"bad KV format {name!r}: use "
                         "int<bits>[-k<key bits>]-g<group>[-rot][-kc][-w<recent>][-s<sink>], "
-                        "e.g. int4-g64-rot-kc-w240-s4")
+                        "e.g. int4-g64-rot-kc-w304-s4")
     return KVCacheConfig(int(m[1]), int(m[3]), m[4] is not None, seed, int(m[6] or 0),
                          int(m[7] or 0), key_center=m[5] is not None,
                          key_bits=int(m[2]) if m[2] else None)

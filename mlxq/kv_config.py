@@ -2,7 +2,7 @@
 
 A config is checked once, when it is made; caches, the attention path, save/load and the
 command lines all read the same object. Defaults for the quantized cache were chosen by
-measurement (docs/quality.md): group 64, a Hadamard rotation per layer, the newest 256
+measurement (docs/quality.md): group 64, a Hadamard rotation per layer, the newest 304
 tokens and the first 4 in float16, keys centered per 128-token block (``key_center``).
 """
 
@@ -14,9 +14,9 @@ SUPPORTED_BITS = (16, 8, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 DEFAULT_GROUP_SIZE = 64
-# 240, not 256: with 68-byte rows (d64) the whole cache is then 0.299x of fp16 at 8K, within
-# issue #14's 0.30x; 256 gives 0.301x (docs/quality.md).
-DEFAULT_RECENT = 240
+# The most that fits issue #14's 0.30x of fp16 at 8K (0.299x; 312 is 0.2997x) with 68-byte
+# rows (d64) written as tokens leave the window; top-1 98.2% there (docs/quality.md).
+DEFAULT_RECENT = 304
 DEFAULT_SINK = 4
 
 
@@ -81,7 +81,7 @@ class KVCacheConfig:
 
     @property
     def name(self) -> str:
-        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w240-s4`` (``int4-k8-...``: keys in
+        """A short label: ``fp`` or e.g. ``int4-g64-rot-kc-w304-s4`` (``int4-k8-...``: keys in
         8 bits, values in 4)."""
         if not self.quantized:
             return "fp"

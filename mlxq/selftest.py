@@ -98,8 +98,10 @@ def check_decode(backend, case):
 
 def check_cache(backend):
     """A default int4 cache decoding past its window and across a key-center block (window
-    16: the next center from the stored block; window 128, one CENTER_BLOCK: the block
-    re-centered from its float16 keys) on the backend vs the reference."""
+    16: rows written on arrival, the next center from the stored block; window 128, one
+    CENTER_BLOCK: the block's center from its float16 keys, rows written as tokens leave
+    the window, quantized in place by the second append launch) on the backend vs the
+    reference."""
     from .attention import attend
     from .kv_config import KVCacheConfig
     from .quantized_cache import QuantizedKVCache
@@ -131,7 +133,7 @@ def time_decode(backend, contexts, reps=20):
         v = mx.random.normal((1, 8, n, 128)).astype(mx.float16)
         cache = QuantizedKVCache(KVCacheConfig(4, 64), backend=backend)
         cache.append(k, v)
-        mx.eval(q, k, v, cache.store, cache.fp)
+        mx.eval(q, k, v, cache.state)
         fns = {"fp16 SDPA": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088),
                "int4 mlxq": lambda: attend_stored(q, cache, 0.088)}
         row = {"context": n}

@@ -17,6 +17,8 @@ from mlxq.kv_config import KVCacheConfig
 from mlxq.models import build_model
 
 CONFIG = KVCacheConfig(4, 32, recent=8, sink=2)
+# A window of a whole key-center block: rows are written as tokens leave it.
+LEAVING = KVCacheConfig(4, 32, recent=CENTER_BLOCK, sink=2)
 FULL = KVCacheConfig(16, step=16)
 PROMPTS = [1, 5, 20]  # still in the sink, window filling, past the window
 
@@ -43,14 +45,16 @@ def _batch(per_sequence):
     return [batch_class([caches[i] for caches in per_sequence]) for i in range(layers)]
 
 
-@pytest.mark.parametrize("backend, config", [("reference", CONFIG), ("emulate", CONFIG),
-                                             ("reference", FULL)])
-def test_batched_decode_equals_each_sequence_alone(model, backend, config):
+@pytest.mark.parametrize("backend, config, lengths", [
+    ("reference", CONFIG, PROMPTS), ("emulate", CONFIG, PROMPTS), ("reference", FULL, PROMPTS),
+    ("emulate", LEAVING, [1, CENTER_BLOCK - 6, CENTER_BLOCK + 9]),  # windows fill, rows leave
+])
+def test_batched_decode_equals_each_sequence_alone(model, backend, config, lengths):
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 300, n).tolist() for n in PROMPTS]
+    prompts = [rng.integers(1, 300, n).tolist() for n in lengths]
     alone = [_prefill(model, p, backend, config) for p in prompts]
     batch = _batch([_prefill(model, p, backend, config)[0] for p in prompts])
-    assert batch[0].lengths == PROMPTS
+    assert batch[0].lengths == lengths
     for step in range(12):  # every sequence crosses its sink or window edge
         tokens = [int(rng.integers(1, 300)) for _ in prompts]
         batched = model(mx.array(tokens)[:, None], cache=batch)[:, -1]
@@ -58,7 +62,7 @@ def test_batched_decode_equals_each_sequence_alone(model, backend, config):
             single = model(mx.array([[tokens[i]]]), cache=caches)[:, -1]
             np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single[0]),
                                        atol=1e-4, rtol=1e-4)
-    assert batch[0].lengths == [n + 12 for n in PROMPTS]
+    assert batch[0].lengths == [n + 12 for n in lengths]
 
 
 @pytest.mark.parametrize("config", [CONFIG, FULL])
@@ -132,14 +136,15 @@ def _same_cache(got, want):
 
 
 @pytest.mark.parametrize("config", [CONFIG, KVCacheConfig(4, 32, recent=0, sink=3),
-                                    KVCacheConfig(4, 32, recent=140, sink=2),
+                                    KVCacheConfig(4, 32, recent=140, sink=2), LEAVING,
                                     KVCacheConfig(4, 64, recent=16, sink=1, key_bits=8)])
 def test_extract_equals_the_sequence_appended_alone(config):
     """Sequences of 1, 5, 124 tokens (+ one that joins later, and one that leaves) get the
     same tokens appended in a batch and alone: ``extract`` gives back exactly the cache
     decoded alone (rows, float16 slots, key centers, lengths, capacities). A key-center
     block completes in the batch: from the stored rows (short windows) or from the
-    window's float16 keys (recent 140)."""
+    window's float16 keys (recent 140 and 128); with a window of 128 the long sequence's
+    window fills and its rows are written as tokens leave it."""
     from mlxq.quantized_cache import QuantizedKVCache
 
     rng = np.random.default_rng(2)
@@ -197,15 +202,16 @@ def test_extracted_caches_predict_what_the_sequence_alone_predicts(model, config
     assert batch[0].lengths == [n + 4 for n in PROMPTS]  # the batch itself is unchanged
 
 
-def test_byte_formulas_agree_with_the_caches():
+@pytest.mark.parametrize("recent", [70, CENTER_BLOCK + 2])  # rows on arrival / on leaving
+def test_byte_formulas_agree_with_the_caches(recent):
     """``quantized_nbytes`` is what a cache allocates, however its tokens arrived;
     ``batch_nbytes`` bounds a batch's bytes at every step (and is reached)."""
     from mlxq.batch_cache import batch_nbytes
     from mlxq.quantized_cache import QuantizedKVCache, quantized_nbytes
 
-    config = KVCacheConfig(4, 32, recent=70, sink=4, step=16)
+    config = KVCacheConfig(4, 32, recent=recent, sink=4, step=16)
     rng = np.random.default_rng(5)
-    for chunks in ([1], [3], [4, 1], [50], [7, 60, 1, 1], [200, 30]):
+    for chunks in ([1], [3], [4, 1], [50], [7, 60, 1, 1], [200, 30], [133, 1, 1, 400]):
         cache = QuantizedKVCache(config)
         for n in chunks:
             cache.append(*_keys(rng, n))

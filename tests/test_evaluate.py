@@ -119,7 +119,7 @@ def test_bad_settings_are_user_errors(args):
 @pytest.mark.slow
 def test_end_to_end_int8_and_int4_quality_on_the_default_model(dense_model):
     """2 windows x 512 tokens through the real quantized caches, with make_cache's defaults
-    (group 64, rotation, keys centered, 240 recent and 4 first tokens in full precision). Bounds are an order of
+    (group 64, rotation, keys centered, 304 recent and 4 first tokens in full precision). Bounds are an order of
     magnitude looser than the full-size targets (docs/quality.md): short windows are noisy."""
     model, tokenizer = dense_model
     context, windows = 512, 2  # about half of each window attends to quantized tokens

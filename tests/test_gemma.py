@@ -181,7 +181,7 @@ def test_generate_cli_with_int4_cache(gemma_model_dir):
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 5
-    assert "KV cache (int4-k8-g64-rot-kc-w240-s4)" in r.stderr  # Gemma's default keys
+    assert "KV cache (int4-k8-g64-rot-kc-w304-s4)" in r.stderr  # Gemma's default keys
 
 
 @pytest.mark.slow

@@ -151,3 +151,42 @@ def test_own_key_bits_equal_the_oracle_bit_for_bit(bits, key_bits, gs, D):
     k_back, v_back = dequantize_rows(q_plain, D, bits, gs, key_bits=key_bits)
     assert np.array_equal(np.asarray(k_back), k_deq)
     assert np.array_equal(np.asarray(v_back), v_deq)
+
+
+@pytest.mark.parametrize("bits,key_bits,gs,D", [(4, None, 64, 64), (4, 8, 64, 64),
+                                                (8, None, 32, 128), (4, None, 128, 256)])
+@pytest.mark.parametrize("centered", [True, False])
+def test_rows_quantized_in_place_equal_the_oracle_bit_for_bit(bits, key_bits, gs, D, centered):
+    """The token leaving the window: the kernel reads each sequence's row from its own slot
+    of the float16 buffer, and its key center from its own block of the centers buffer
+    (every sequence a different one, so a kernel reading the wrong slot, block or head
+    fails), and quantizes it as the numpy model of the documented rule does."""
+    B, H, slots, blocks = 3, 2, 11, 4
+    keys, values = _inputs((B, H, slots, D), D + gs)
+    fp = mx.concatenate([keys, values], axis=-1).astype(mx.float16)
+    centers = (5 * mx.random.normal((B, H, blocks, D), key=mx.random.key(gs))
+               ).astype(mx.float16) if centered else None
+    at, block_of = [7, 0, 10], [2, 3, 0]
+    from mlxq.kernels.kv_append import quantize_slots, reference_quantize_slots
+
+    q = quantize_slots(fp, at, centers, block_of, bits, gs, "emulate", key_bits)
+    q_ref = reference_quantize_slots(fp, at, centers, block_of, bits, gs, key_bits)
+    assert q.shape == (B, H, 1, row_words(D, bits, gs, key_bits))
+    assert mx.array_equal(q, q_ref)
+    for b in range(B):
+        row = np.asarray(fp[b, :, at[b]].astype(mx.float32))
+        k = row[:, :D] - (np.asarray(centers[b, :, block_of[b]].astype(mx.float32))
+                          if centered else 0)
+        k_back, v_back = dequantize_rows(q[b:b + 1], D, bits, gs, key_bits=key_bits)
+        assert np.array_equal(np.asarray(k_back)[0, :, 0], quantize(k, key_bits or bits, gs)[2])
+        assert np.array_equal(np.asarray(v_back)[0, :, 0], quantize(row[:, D:], bits, gs)[2])
+
+
+def test_rows_without_quantization_are_the_float16_rows():
+    """``quantize=False`` (rows written later, as tokens leave the window): the same
+    rotated float16 rows, no quantized output."""
+    keys, values = _inputs((2, 3, 4, 64), 5)
+    signs = mx.array(np.random.default_rng(0).choice([-1.0, 1.0], 64).astype(np.float32))
+    fp, q = append_rows(keys, values, signs, 4, 64, "emulate", quantize=False)
+    fp_all, _ = append_rows(keys, values, signs, 4, 64, "emulate")
+    assert mx.array_equal(fp, fp_all) and q.size == 1

@@ -19,8 +19,8 @@ def test_sliding_layers_are_bounded_and_global_layers_quantized(key_bits, per_to
     assert short["layers"] == ["WindowKVCache"] * 5 + ["QuantizedKVCache"]
     # Window layers stop growing; the int4 layer grows at ~0.28 of fp16 per token with
     # 4-bit keys, ~0.41 with Gemma's default 8-bit keys.
-    assert short["format"] == ("int4-g64-rot-kc-w240-s4" if key_bits else
-                               "int4-k8-g64-rot-kc-w240-s4")
+    assert short["format"] == ("int4-g64-rot-kc-w304-s4" if key_bits else
+                               "int4-k8-g64-rot-kc-w304-s4")
     fp16_per_token = 2 * 256 * 2  # keys + values, one KV head of 256, float16
     growth = long["bytes"] - short["bytes"]
     low, high = per_token

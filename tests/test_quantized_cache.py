@@ -78,12 +78,12 @@ def test_key_bits_name_a_format_of_their_own():
     from mlxq.evaluate import parse_format
 
     k8 = KVCacheConfig(4, key_bits=8)
-    assert (k8.keys_bits, k8.name) == (8, "int4-k8-g64-rot-kc-w240-s4")
+    assert (k8.keys_bits, k8.name) == (8, "int4-k8-g64-rot-kc-w304-s4")
     assert parse_format(k8.name) == k8 and parse_format("int8-k4-g32") == KVCacheConfig(
         8, 32, rotation=False, recent=0, sink=0, key_center=False, key_bits=4)
     # The same bits spelled out are the same config (one name per layout).
     assert KVCacheConfig(4, key_bits=4) == KVCacheConfig(4)
-    assert KVCacheConfig(4, key_bits=4).name == "int4-g64-rot-kc-w240-s4"
+    assert KVCacheConfig(4, key_bits=4).name == "int4-g64-rot-kc-w304-s4"
     # Rows: 8-bit key codes, 4-bit value codes; 4-bit groups' metadata is one half each,
     # 8-bit groups' a (scale, bias) pair (rows padded to whole words).
     fp16 = 4 * 64
@@ -151,13 +151,15 @@ def test_int4_store_is_028_of_fp16():
 
 
 def test_buffers_grow_in_steps_and_the_window_by_what_it_holds():
-    cache = _cache(recent=100_000, sink=0)
+    cache, windowed = _cache(recent=0, sink=0), _cache(recent=100_000, sink=0)
     for L, cap in ((200, 256), (56, 256), (1, 512), (600, 1024)):
-        attend(*_qkv(L, L), cache, SCALE)
+        for c in (cache, windowed):
+            attend(*_qkv(L, L), c, SCALE)
         assert cache.store.shape[2] == cap
-    assert cache.offset == 857
-    # A huge window allocates as it fills (float16 slots rounded up to 64).
-    assert cache.fp.shape[2] == 896
+    assert cache.offset == windowed.offset == 857
+    # A huge window allocates as it fills (float16 slots rounded up to 64), and its tokens
+    # have no store rows until they leave it.
+    assert windowed.fp.shape[2] == 896 and windowed.store is None
 
 
 # --- what attention sees -----------------------------------------------------------------
@@ -285,6 +287,33 @@ def test_trim_shrinks_the_window_and_later_steps_stay_exact(backend):
     assert cache.sink_length == 0 and cache.quantized_length == 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "emulate"])
+def test_trim_into_a_block_whose_rows_left_keeps_its_center(backend):
+    """Rows written as tokens leave the window (a window of CENTER_BLOCK): after a trim back
+    into a completed block some of whose rows are written, the block completing again
+    keeps the center those rows were written with (new rows of it use it too), and every
+    step still attends exactly what was stored."""
+    cache = _cache(backend, recent=CENTER_BLOCK, sink=2)
+    shadow = Shadow(cache)
+    q, k, v = _qkv(200, 1)
+    attend(q, k, v, cache, SCALE)
+    shadow.add(k, v)
+    center = np.asarray(cache.centers[:, :, 0])
+    assert cache.rows_held == 200 - 2 - CENTER_BLOCK + 1
+    assert cache.trim(100) == 100 and (cache.offset, cache.window_length) == (100, 28)
+    del shadow.fp[100:], shadow.deq[100:]
+    # Block 0 holds 98 rows again; it completes at 130 and the window refills by 200.
+    shadow.window, shadow.block = 28, [mx.zeros((B, HKV, 1, D))] * 98
+    for seed in range(2, 142):  # to 240 tokens: rows up to position 111 are read
+        q, k, v = _qkv(1, seed)
+        out = attend(q, k, v, cache, SCALE)
+        rot = shadow.add(k, v)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(shadow.expected(q, 1, rot)),
+                                   atol=5e-5, rtol=2e-4)
+    assert cache.offset == 240 and cache.quantized_length == 240 - 2 - CENTER_BLOCK
+    np.testing.assert_array_equal(np.asarray(cache.centers[:, :, 0]), center)
+
+
 def test_save_load_roundtrip_is_exact(tmp_path):
     caches = [_cache(recent=12, sink=2, rotation=True, seed=3), _cache(bits=8, group_size=32)]
     for c in caches:
@@ -395,4 +424,5 @@ def test_emulated_decode_step_allocates_nothing_cache_sized():
         plan = plan_decode(1, 4, 2, 1, 128, 4, cache.quantized_length, 260)
         partials = 8 * plan.n_blocks * (128 + 2) * 4
         assert mx.get_peak_memory() - base < partials + 0.02 * cache.nbytes
-    assert cache.store.shape[2] == 3072 and cache.offset == 3003
+    # Rows for the tokens that left the window (3003 - 4 - 256 + 1), in steps of 256.
+    assert cache.store.shape[2] == 2816 and cache.offset == 3003

@@ -34,6 +34,7 @@ from .quantized_cache import (
     QuantizedOptions,
     centers_held,
     held_rows,
+    own_center,
     round_up,
     rows_leave_the_window,
     store_capacity,
@@ -244,8 +245,7 @@ class BatchQuantizedKVCache(QuantizedOptions, _Batch):
                         and held0[i] <= rows - CENTER_BLOCK:
                     keys = self.window_block(self.fp[i:i + 1], n)[..., :self.head_dim]
                     block = rows // CENTER_BLOCK - 1
-                    self.centers[i:i + 1, :, block:block + 1] = keys.astype(
-                        mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+                    self.centers[i:i + 1, :, block:block + 1] = own_center(keys)
         held1 = self._rows_held()
         if held1 == held0:
             return

@@ -101,6 +101,12 @@ def centers_held(config: KVCacheConfig, offset: int) -> int:
     return rows // CENTER_BLOCK if rows_leave_the_window(config) else held_centers(rows)
 
 
+def own_center(keys):
+    """A completed block's key center: the mean of its float16 keys (B, H, CENTER_BLOCK, D),
+    in float32, as float16 (B, H, 1, D)."""
+    return keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -186,7 +192,7 @@ class QuantizedOptions:
         else:
             D = self.head_dim
             k16 = own[..., :D]
-            center = k16.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+            center = own_center(k16)
             self.store[at, :, done] = self.encode(k16, own[..., D:], center, rotated=True)[1]
             self.centers[at, :, block:block + 1] = center
         self.centers[at, :, block + 1:block + 2] = center
@@ -349,8 +355,7 @@ class QuantizedKVCache(QuantizedOptions):
         if held0 > block * CENTER_BLOCK:
             return
         keys = self._rows_at(end - CENTER_BLOCK, end, n0, old_fp, fp_rows)[..., :D]
-        self.centers[:, :, block:block + 1] = (
-            keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16))
+        self.centers[:, :, block:block + 1] = own_center(keys)
 
     def _ring_rows(self, fp, first: int, last: int):
         """(first, the float16 rows of positions [first, last) from ``fp``'s ring), or None

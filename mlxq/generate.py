@@ -21,6 +21,7 @@ from .cache import (
     make_cache,
 )
 from .errors import ArgumentParser, MlxqError, cli_main
+from .kv_config import DEFAULT_GROUP_SIZE, DEFAULT_RECENT, DEFAULT_SINK
 from .prompt import check_token_ids, encode_prompt, is_utf8_text, read_prompt_stdin
 from .sampling import make_sampler
 
@@ -251,13 +252,13 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache bits: 16 = full precision (default); the --kv-* options "
                         "below apply to 8 and 4 only")
     p.add_argument("--kv-group-size", type=int, default=None, choices=(32, 64, 128),
-                   help="quantized KV group size (default: 64, see docs/quality.md)")
+                   help=f"quantized KV group size (default: {DEFAULT_GROUP_SIZE}, see docs/quality.md)")
     p.add_argument("--kv-recent", type=int, default=None, metavar="N",
                    help="newest tokens kept in full precision by a quantized KV cache "
-                        "(default: 256)")
+                        f"(default: {DEFAULT_RECENT})")
     p.add_argument("--kv-sink", type=int, default=None, metavar="N",
                    help="first tokens of the sequence kept in full precision by a quantized "
-                        "KV cache (default: 4)")
+                        f"KV cache (default: {DEFAULT_SINK})")
     p.add_argument("--no-kv-rotation", action="store_true",
                    help="no Hadamard rotation of the quantized KV cache")
     p.add_argument("--no-kv-key-center", action="store_true",
